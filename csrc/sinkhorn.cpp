@@ -1,0 +1,489 @@
+// Fused CPU kernels for the Sinkhorn-Knopp self-labelling solver.
+//
+// Every kernel takes a batch of H heads: the kernel matrix is (H, N, K), row
+// quantities are (H, N), column quantities are (H, K), all contiguous and of the
+// matrix dtype (float32 or float64). Rows are split across threads with
+// at::parallel_for; column reductions go to one partial buffer per thread
+// (accumulated in double) that is reduced after the parallel region, so each
+// iteration reads the matrix from memory exactly once.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace selflabel {
+namespace {
+
+using acc_t = double;
+constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+
+void check_matrix(const at::Tensor& m, const char* name) {
+  TORCH_CHECK(m.device().is_cpu(), name, " must be a CPU tensor, got ", m.device());
+  TORCH_CHECK(m.dim() == 3, name, " must have shape (H, N, K), got ", m.sizes());
+  TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", m.scalar_type());
+  TORCH_CHECK(m.numel() > 0, name, " must not be empty");
+}
+
+void check_vector(const at::Tensor& t, const at::Tensor& m, int64_t len, const char* name,
+                  bool per_head = true) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == m.scalar_type(), name, " must have dtype ", m.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  if (per_head) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == m.size(0) && t.size(1) == len, name,
+                " must have shape (", m.size(0), ", ", len, "), got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == len, name, " must have shape (", len, "), got ",
+                t.sizes());
+  }
+}
+
+int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)); }
+
+// One K-long partial per thread, reduced after the parallel region.
+class ColumnPartials {
+ public:
+  ColumnPartials(int64_t K, acc_t init)
+      : K_(K), data_(static_cast<size_t>(at::get_num_threads()) * K, init) {}
+  acc_t* slot() { return data_.data() + static_cast<size_t>(at::get_thread_num()) * K_; }
+  template <typename Op>
+  std::vector<acc_t> reduce(acc_t init, Op op) const {
+    std::vector<acc_t> out(K_, init);
+    for (size_t t = 0; t < data_.size() / K_; ++t)
+      for (int64_t j = 0; j < K_; ++j) out[j] = op(out[j], data_[t * K_ + j]);
+    return out;
+  }
+
+ private:
+  int64_t K_;
+  std::vector<acc_t> data_;
+};
+
+// One scalar per thread, summed after the parallel region.
+class ThreadSum {
+ public:
+  ThreadSum() : data_(at::get_num_threads(), 0.0) {}
+  void add(acc_t x) { data_[at::get_thread_num()] += x; }
+  acc_t total() const {
+    acc_t s = 0;
+    for (acc_t x : data_) s += x;
+    return s;
+  }
+
+ private:
+  std::vector<acc_t> data_;
+};
+
+acc_t max_op(acc_t x, acc_t y) { return std::max(x, y); }
+acc_t sum_op(acc_t x, acc_t y) { return x + y; }
+
+// Each kernel is a row-range function on plain pointers (what one thread does
+// with its rows), wrapped in a per-head at::parallel_for. Plain pointer
+// arguments keep GCC's vectoriser from reloading lambda captures per element.
+//
+// Accumulation: products are summed in scalar_t over short runs (column tiles
+// of kTile for a row sum, kFlushRows rows for a column partial) and flushed to
+// double, so float32 inner loops run at full SIMD width while long sums stay
+// accurate.
+constexpr int64_t kRows = 4;  // rows per group in the scaling pass
+constexpr int64_t kTile = 512;
+constexpr int64_t kFlushRows = 64;
+
+// ---------------------------------------------------------------------------
+// prepare: scores -> kernel matrix, one read of S and one write of the output.
+// ---------------------------------------------------------------------------
+template <typename T>
+void prepare_rows(const T* __restrict__ S, T* __restrict__ O, T* rmax, double* rsum, double* rmin,
+                  acc_t* __restrict__ cm, int64_t begin, int64_t end, int64_t K, T lam, bool probs,
+                  bool exponentiate) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* __restrict__ s = S + i * K;
+    T* __restrict__ o = O + i * K;
+    T mx = s[0], mn = s[0];
+    acc_t sum = 0;
+#pragma omp simd reduction(max : mx) reduction(min : mn) reduction(+ : sum)
+    for (int64_t j = 0; j < K; ++j) {
+      mx = vmax(mx, s[j]);
+      mn = vmin(mn, s[j]);
+      sum += static_cast<acc_t>(s[j]);
+    }
+    rsum[i] = sum;
+    rmin[i] = mn;
+    const T m = probs ? vlog(mx) : mx;
+    rmax[i] = m;
+    if (!std::isfinite(sum) || !std::isfinite(m)) {  // invalid row: the front raises
+      std::fill(o, o + K, T(0));
+      continue;
+    }
+    if (probs) {
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) o[j] = lam * (vlog(s[j]) - m);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) o[j] = lam * (s[j] - m);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) cm[j] = vmax(cm[j], static_cast<acc_t>(o[j]));
+    if (exponentiate) {
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) o[j] = vexp(o[j]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void prepare_impl(const at::Tensor& scores, double lamb, bool probs, bool exponentiate, at::Tensor& out,
+                  at::Tensor& rowmax, at::Tensor& colmax, at::Tensor& rowsum, at::Tensor& rowmin) {
+  const int64_t H = scores.size(0), N = scores.size(1), K = scores.size(2);
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* S = scores.data_ptr<scalar_t>() + h * N * K;
+    scalar_t* O = out.data_ptr<scalar_t>() + h * N * K;
+    scalar_t* rmax = rowmax.data_ptr<scalar_t>() + h * N;
+    double* rsum = rowsum.data_ptr<double>() + h * N;
+    double* rmin = rowmin.data_ptr<double>() + h * N;
+    ColumnPartials cmax(K, -kInf);
+    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
+      prepare_rows<scalar_t>(S, O, rmax, rsum, rmin, cmax.slot(), begin, end, K,
+                             static_cast<scalar_t>(lamb), probs, exponentiate);
+    });
+    const std::vector<acc_t> c = cmax.reduce(-kInf, max_op);
+    std::copy(c.begin(), c.end(), colmax.data_ptr<scalar_t>() + h * K);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// scaling pass: one fused iteration of the scaling form, one read of M.
+// Rows go kRows at a time so v is loaded once per group and the column partial
+// is updated once per group.
+// ---------------------------------------------------------------------------
+template <typename T>
+inline void row_dots(const T* const* rows, int64_t nr, const T* __restrict__ v, int64_t K, acc_t* t) {
+  for (int64_t r = 0; r < nr; ++r) t[r] = 0;
+  for (int64_t j0 = 0; j0 < K; j0 += kTile) {
+    const int64_t j1 = std::min(K, j0 + kTile);
+    if (nr == kRows) {
+      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      const T *__restrict__ r0 = rows[0], *__restrict__ r1 = rows[1], *__restrict__ r2 = rows[2],
+              *__restrict__ r3 = rows[3];
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t j = j0; j < j1; ++j) {
+        s0 += r0[j] * v[j];
+        s1 += r1[j] * v[j];
+        s2 += r2[j] * v[j];
+        s3 += r3[j] * v[j];
+      }
+      t[0] += s0;
+      t[1] += s1;
+      t[2] += s2;
+      t[3] += s3;
+    } else {
+      for (int64_t r = 0; r < nr; ++r) {
+        T s0 = 0;
+        const T* __restrict__ r0 = rows[r];
+#pragma omp simd reduction(+ : s0)
+        for (int64_t j = j0; j < j1; ++j) s0 += r0[j] * v[j];
+        t[r] += s0;
+      }
+    }
+  }
+}
+
+// Rows [begin, end): u_i <- a_i / (M_i . v); wp += sum_i u_i M_i. Returns sum_i |u_old/u_new - 1|.
+template <typename T>
+acc_t scaling_rows(const T* __restrict__ M, const T* __restrict__ A, T* __restrict__ U,
+                   const T* __restrict__ V, acc_t* __restrict__ wp, int64_t begin, int64_t end, int64_t K) {
+  std::vector<T> wb_buf(K, T(0));  // short-run column partial
+  T* __restrict__ wb = wb_buf.data();
+  acc_t change = 0;
+  int64_t since_flush = 0;
+  for (int64_t i = begin; i < end; i += kRows) {
+    const int64_t nr = std::min(kRows, end - i);
+    // A ragged last group repeats its last row with weight 0.
+    const T* rows[kRows];
+    for (int64_t r = 0; r < kRows; ++r) rows[r] = M + (i + std::min(r, nr - 1)) * K;
+    acc_t t[kRows];
+    row_dots<T>(rows, nr, V, K, t);
+    T us[kRows] = {0, 0, 0, 0};
+    for (int64_t r = 0; r < nr; ++r) {
+      const acc_t ui = static_cast<acc_t>(A[i + r]) / t[r];
+      change += std::abs(static_cast<acc_t>(U[i + r]) / ui - 1.0);
+      U[i + r] = us[r] = static_cast<T>(ui);
+    }
+    const T u0 = us[0], u1 = us[1], u2 = us[2], u3 = us[3];
+    const T *__restrict__ r0 = rows[0], *__restrict__ r1 = rows[1], *__restrict__ r2 = rows[2],
+            *__restrict__ r3 = rows[3];
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) wb[j] += u0 * r0[j] + u1 * r1[j] + u2 * r2[j] + u3 * r3[j];
+    since_flush += nr;
+    if (since_flush >= kFlushRows || i + kRows >= end) {
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) {
+        wp[j] += static_cast<acc_t>(wb[j]);
+        wb[j] = 0;
+      }
+      since_flush = 0;
+    }
+  }
+  return change;
+}
+
+template <typename scalar_t>
+void scaling_pass_impl(const at::Tensor& M, const at::Tensor& a, at::Tensor& u, const at::Tensor& v,
+                       at::Tensor& w, at::Tensor& change) {
+  const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
+  const scalar_t* A = a.data_ptr<scalar_t>();
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* Mh = M.data_ptr<scalar_t>() + h * N * K;
+    scalar_t* U = u.data_ptr<scalar_t>() + h * N;
+    const scalar_t* V = v.data_ptr<scalar_t>() + h * K;
+    ColumnPartials wpart(K, 0.0);
+    ThreadSum chg;
+    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
+      chg.add(scaling_rows<scalar_t>(Mh, A, U, V, wpart.slot(), begin, end, K));
+    });
+    const std::vector<acc_t> ws = wpart.reduce(0.0, sum_op);
+    std::copy(ws.begin(), ws.end(), w.data_ptr<scalar_t>() + h * K);
+    change.data_ptr<double>()[h] = chg.total();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// log pass: one fused iteration of the log-domain form, one read of L.
+// ---------------------------------------------------------------------------
+// Rows [begin, end): f_i <- log a_i - LSE_j(L_ij + g_j); wp += sum_i alpha_i e_ij and
+// mp = max(mp, log(alpha_i e_ij)) with e_ij = exp(L_ij + g_j - r_i), alpha_i = a_i / s_i.
+// Returns sum_i |exp(f_old - f_new) - 1|.
+template <typename T>
+acc_t log_rows(const T* __restrict__ L, const T* __restrict__ LA, T* __restrict__ F, const T* __restrict__ G,
+               acc_t* __restrict__ wp, acc_t* __restrict__ mp, int64_t begin, int64_t end, int64_t K) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  std::vector<T> e_buf(K), wb_buf(K, T(0)), mb_buf(K, kNegInf);
+  T* __restrict__ e = e_buf.data();
+  T* __restrict__ wb = wb_buf.data();
+  T* __restrict__ mb = mb_buf.data();
+  acc_t change = 0;
+  int64_t since_flush = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const T* __restrict__ row = L + i * K;
+    T r = kNegInf;
+#pragma omp simd reduction(max : r)
+    for (int64_t j = 0; j < K; ++j) r = vmax(r, row[j] + G[j]);
+    acc_t s = 0;
+    for (int64_t j0 = 0; j0 < K; j0 += kTile) {
+      const int64_t j1 = std::min(K, j0 + kTile);
+      T st = 0;
+#pragma omp simd reduction(+ : st)
+      for (int64_t j = j0; j < j1; ++j) {
+        e[j] = vexp(row[j] + G[j] - r);
+        st += e[j];
+      }
+      s += st;
+    }
+    const acc_t log_alpha = static_cast<acc_t>(LA[i]) - std::log(s);
+    const acc_t fi = log_alpha - static_cast<acc_t>(r);
+    change += std::abs(std::exp(static_cast<acc_t>(F[i]) - fi) - 1.0);
+    F[i] = static_cast<T>(fi);
+    const T alpha = static_cast<T>(std::exp(log_alpha));
+    const T shift = static_cast<T>(log_alpha) - r;
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) {
+      wb[j] += alpha * e[j];
+      mb[j] = vmax(mb[j], row[j] + G[j] + shift);
+    }
+    if (++since_flush == kFlushRows || i + 1 == end) {
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) {
+        wp[j] += static_cast<acc_t>(wb[j]);
+        wb[j] = 0;
+      }
+      since_flush = 0;
+    }
+  }
+  for (int64_t j = 0; j < K; ++j) mp[j] = vmax(mp[j], static_cast<acc_t>(mb[j]));
+  return change;
+}
+
+template <typename scalar_t>
+void log_pass_impl(const at::Tensor& L, const at::Tensor& log_a, at::Tensor& f, const at::Tensor& g,
+                   at::Tensor& logw, at::Tensor& change) {
+  const int64_t H = L.size(0), N = L.size(1), K = L.size(2);
+  const scalar_t* LA = log_a.data_ptr<scalar_t>();
+  // Below this the column sum may be dominated by flushed-to-zero terms: use the max.
+  const acc_t tiny = std::numeric_limits<scalar_t>::min() * acc_t(1e8);
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* Lh = L.data_ptr<scalar_t>() + h * N * K;
+    scalar_t* F = f.data_ptr<scalar_t>() + h * N;
+    const scalar_t* G = g.data_ptr<scalar_t>() + h * K;
+    ColumnPartials wpart(K, 0.0);
+    ColumnPartials mpart(K, -kInf);
+    ThreadSum chg;
+    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
+      chg.add(log_rows<scalar_t>(Lh, LA, F, G, wpart.slot(), mpart.slot(), begin, end, K));
+    });
+    const std::vector<acc_t> ws = wpart.reduce(0.0, sum_op);
+    const std::vector<acc_t> ms = mpart.reduce(-kInf, max_op);
+    scalar_t* LW = logw.data_ptr<scalar_t>() + h * K;
+    for (int64_t j = 0; j < K; ++j) LW[j] = static_cast<scalar_t>(ws[j] > tiny ? std::log(ws[j]) : ms[j]);
+    change.data_ptr<double>()[h] = chg.total();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// labels: argmax_j of M_ij * v_j (linear) or L_ij + g_j (log), first index on ties.
+// ---------------------------------------------------------------------------
+template <typename T>
+void label_rows(const T* __restrict__ X, const T* __restrict__ col, bool linear, int64_t* O, int64_t begin,
+                int64_t end, int64_t K) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* __restrict__ row = X + i * K;
+    int64_t best = 0;
+    T bv = linear ? row[0] * col[0] : row[0] + col[0];
+    for (int64_t j = 1; j < K; ++j) {
+      const T x = linear ? row[j] * col[j] : row[j] + col[j];
+      if (x > bv) {
+        bv = x;
+        best = j;
+      }
+    }
+    O[i] = best;
+  }
+}
+
+template <typename scalar_t>
+void labels_impl(const at::Tensor& mat, const at::Tensor& log_v, bool linear, at::Tensor& out) {
+  const int64_t H = mat.size(0), N = mat.size(1), K = mat.size(2);
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* X = mat.data_ptr<scalar_t>() + h * N * K;
+    const scalar_t* LV = log_v.data_ptr<scalar_t>() + h * K;
+    std::vector<scalar_t> col(K);
+    for (int64_t j = 0; j < K; ++j) col[j] = linear ? std::exp(LV[j]) : LV[j];
+    int64_t* O = out.data_ptr<int64_t>() + h * N;
+    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
+      label_rows<scalar_t>(X, col.data(), linear, O, begin, end, K);
+    });
+  }
+}
+
+template <typename scalar_t, bool kExp>
+void elementwise_impl(const at::Tensor& x, at::Tensor& y) {
+  const scalar_t* X = x.data_ptr<scalar_t>();
+  scalar_t* Y = y.data_ptr<scalar_t>();
+  const int64_t n = x.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) Y[i] = kExp ? vexp(X[i]) : vlog(X[i]);
+}
+
+// ----------------------------- bindings ------------------------------------
+
+// x = log(S) for probabilities, S otherwise; m_i = max_j x_ij;
+// out_ij = lamb * (x_ij - m_i) (log kernel) or exp of it (exponentiate: scaling kernel).
+// Returns {out (H,N,K), m (H,N), column max of lamb*(x - m) (H,K),
+//          raw row sum (H,N) double, raw row min (H,N) double}.
+std::vector<at::Tensor> prepare(const at::Tensor& scores_in, double lamb, bool probs, bool exponentiate) {
+  check_matrix(scores_in, "scores");
+  TORCH_CHECK(std::isfinite(lamb) && lamb > 0, "lamb must be a positive finite number, got ", lamb);
+  const at::Tensor scores = scores_in.contiguous();
+  const int64_t H = scores.size(0), N = scores.size(1), K = scores.size(2);
+  at::Tensor out = at::empty_like(scores);
+  at::Tensor rowmax = at::empty({H, N}, scores.options());
+  at::Tensor colmax = at::empty({H, K}, scores.options());
+  const auto dopt = scores.options().dtype(at::kDouble);
+  at::Tensor rowsum = at::empty({H, N}, dopt);
+  at::Tensor rowmin = at::empty({H, N}, dopt);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "selflabel_prepare", [&] {
+    prepare_impl<scalar_t>(scores, lamb, probs, exponentiate, out, rowmax, colmax, rowsum, rowmin);
+  });
+  return {out, rowmax, colmax, rowsum, rowmin};
+}
+
+// Scaling form: per row t_i = sum_j M_ij v_j, u_i <- a_i / t_i; per column
+// w_j = sum_i M_ij u_i with the new u, from the same cache-resident row.
+// Updates u in place; returns {w (H,K), sum_i |u_old/u_new - 1| (H,) double}.
+std::vector<at::Tensor> scaling_pass(const at::Tensor& M, const at::Tensor& a, at::Tensor& u,
+                                     const at::Tensor& v) {
+  check_matrix(M, "M");
+  TORCH_CHECK(M.is_contiguous(), "M must be contiguous");
+  const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
+  check_vector(a, M, N, "a", /*per_head=*/false);
+  check_vector(u, M, N, "u");
+  check_vector(v, M, K, "v");
+  at::Tensor w = at::empty({H, K}, M.options());
+  at::Tensor change = at::empty({H}, M.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_scaling_pass",
+                             [&] { scaling_pass_impl<scalar_t>(M, a, u, v, w, change); });
+  return {w, change};
+}
+
+// Log domain: per row z_ij = L_ij + g_j, r_i = max_j z_ij, s_i = sum_j exp(z_ij - r_i),
+// f_i <- log a_i - r_i - log s_i; per column log W_j = log sum_i exp(L_ij + f_i + g_j),
+// the column mass of (f, g). The column sum reuses e_ij = exp(z_ij - r_i) <= 1 from
+// the row step weighted by alpha_i = a_i / s_i <= a_i: one exp per entry, no
+// overflow. Where a column's mass underflows (a transient state far from the
+// optimum) log W_j falls back to max_i log(e_ij alpha_i), a lower bound within
+// log N of the true value; the next iteration corrects it.
+// Updates f in place; returns {log W (H,K), sum_i |exp(f_old - f_new) - 1| (H,) double}.
+std::vector<at::Tensor> log_pass(const at::Tensor& L, const at::Tensor& log_a, at::Tensor& f,
+                                 const at::Tensor& g) {
+  check_matrix(L, "L");
+  TORCH_CHECK(L.is_contiguous(), "L must be contiguous");
+  const int64_t H = L.size(0), N = L.size(1), K = L.size(2);
+  check_vector(log_a, L, N, "log_a", /*per_head=*/false);
+  check_vector(f, L, N, "f");
+  check_vector(g, L, K, "g");
+  at::Tensor logw = at::empty({H, K}, L.options());
+  at::Tensor change = at::empty({H}, L.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "selflabel_log_pass",
+                             [&] { log_pass_impl<scalar_t>(L, log_a, f, g, logw, change); });
+  return {logw, change};
+}
+
+at::Tensor labels(const at::Tensor& mat, const at::Tensor& log_v, bool linear) {
+  check_matrix(mat, "mat");
+  TORCH_CHECK(mat.is_contiguous(), "mat must be contiguous");
+  check_vector(log_v, mat, mat.size(2), "log_v");
+  at::Tensor out = at::empty({mat.size(0), mat.size(1)}, mat.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(mat.scalar_type(), "selflabel_labels",
+                             [&] { labels_impl<scalar_t>(mat, log_v, linear, out); });
+  return out;
+}
+
+at::Tensor vec_exp(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu(), "x must be a CPU tensor");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "selflabel_vec_exp", [&] { elementwise_impl<scalar_t, true>(x, y); });
+  return y;
+}
+
+at::Tensor vec_log(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu(), "x must be a CPU tensor");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "selflabel_vec_log", [&] { elementwise_impl<scalar_t, false>(x, y); });
+  return y;
+}
+
+}  // namespace
+}  // namespace selflabel
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "selflabel fused CPU kernels (see csrc/sinkhorn.cpp)";
+  m.def("prepare", &selflabel::prepare, "scores -> kernel matrix, row max, column max, row sum, row min",
+        py::arg("scores"), py::arg("lamb"), py::arg("probs"), py::arg("exponentiate"));
+  m.def("scaling_pass", &selflabel::scaling_pass, "one fused scaling-form iteration", py::arg("M"),
+        py::arg("a"), py::arg("u"), py::arg("v"));
+  m.def("log_pass", &selflabel::log_pass, "one fused log-domain iteration", py::arg("L"), py::arg("log_a"),
+        py::arg("f"), py::arg("g"));
+  m.def("labels", &selflabel::labels, "hard labels from the kernel matrix and column duals", py::arg("mat"),
+        py::arg("log_v"), py::arg("linear"));
+  m.def("vec_exp", &selflabel::vec_exp, "vectorised exp used by the kernels", py::arg("x"));
+  m.def("vec_log", &selflabel::vec_log, "vectorised log used by the kernels", py::arg("x"));
+}

@@ -1,0 +1,1 @@
+"""Triton GPU kernels (installed as ``selflabel.kernels``)."""

@@ -1,0 +1,58 @@
+"""Backends: the passes over the kernel matrix, behind the one solver front.
+
+A backend prepares the kernel matrix from the scores and runs single passes over
+it; it never validates user input, decides when to stop, or builds results (the
+front in ``selflabel.solver`` does). Every backend implements ``Backend``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+
+class Prepared(NamedTuple):
+    """Output of ``Backend.prepare`` for scores of shape (H, N, K)."""
+
+    mat: torch.Tensor  # (H, N, K): lamb*(x - m) (log kernel) or its exp (scaling kernel)
+    rowmax: torch.Tensor  # (H, N): m_i = max_j x_ij, x = log-scores
+    colmax: torch.Tensor  # (H, K): max_i lamb*(x_ij - m_i), <= 0
+    rowsum: torch.Tensor  # (H, N) float64: sum_j of the raw scores (validation)
+    rowmin: torch.Tensor  # (H, N) float64: min_j of the raw scores (validation)
+
+
+class Backend(Protocol):
+    name: str
+
+    def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
+        """Build the kernel matrix from (H, N, K) scores in the compute dtype."""
+
+    def scaling_pass(
+        self, M: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u <- a / (M v) in place; return (w = M^T u (H, K), sum_i |u_old/u_new - 1| (H,))."""
+
+    def log_pass(
+        self, L: torch.Tensor, log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """f <- log a - LSE_j(L + g) in place; return (log column mass (H, K), row change (H,))."""
+
+    def labels(self, mat: torch.Tensor, log_v: torch.Tensor, linear: bool) -> torch.Tensor:
+        """argmax_j of mat*exp(log_v) (linear) or mat + log_v, int64 (H, N)."""
+
+
+def get_backend(name: str, device: torch.device) -> Backend:
+    """Resolve a backend name ("auto" included) for tensors on ``device``."""
+    from .cpu import CpuBackend
+    from .torch_ref import TorchBackend
+
+    if name == "auto":
+        name = "cpu" if device.type == "cpu" else "torch"
+    if name == "torch":
+        return TorchBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU scores, got scores on {device}; use backend='auto'")
+        return CpuBackend()
+    raise ValueError(f"backend={name!r} is not available; choose one of 'auto', 'torch', 'cpu'")

@@ -1,0 +1,340 @@
+"""The solver front: validation, dtype/device policy, the iteration loop, stopping
+and the result. Backends (``selflabel.backends``) only run passes.
+
+One iteration, scaling form (M = exp(lamb*(S - rowmax)), one read of M)::
+
+    u = a / (M v)            w = M^T u            v = b / w
+
+The column mass of the plan (u, v) before the v update is ``v * w``, so the
+marginal error of a row-exact plan comes out of every pass for free; the solver
+returns that plan (rows exact, columns within ``tol``). The log form does the same
+with potentials f = log u, g = log v and log-sum-exps (see csrc/sinkhorn.cpp).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backends import Backend, get_backend
+from .result import SinkhornResult
+
+KINDS = ("logits", "log_probs", "probs")
+ALGORITHMS = ("auto", "scaling", "log")
+CRITERIA = ("marginal", "sela")
+DEFAULT_TOL = {"marginal": 1e-5, "sela": 0.1}
+PROBS_SUM_TOL = 1e-3  # |sum_j P_ij - 1| allowed for kind="probs"
+MARGINAL_SUM_TOL = 1e-4  # marginals off by more than this are normalised with a warning
+# The scaling form is taken only if every column keeps entries above exp(-T):
+# then v stays within exp(T) and products u*M*v stay in range.
+SCALING_SAFE_LOG = {torch.float32: 0.5 * math.log(torch.finfo(torch.float32).max),
+                    torch.float64: 0.5 * math.log(torch.finfo(torch.float64).max)}
+
+
+def _as_tensor(scores: Any, name: str = "scores") -> torch.Tensor:
+    if isinstance(scores, (str, os.PathLike)):
+        path = os.fspath(scores)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name}: no such file {path!r}")
+        scores = np.load(path, mmap_mode="r", allow_pickle=False)
+    if isinstance(scores, np.ndarray):
+        if scores.dtype.kind not in "f":
+            raise TypeError(f"{name} must hold floating-point values, got numpy dtype {scores.dtype}; "
+                            "cast it, e.g. scores.astype(np.float32)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memmaps: we never write to them
+            return torch.from_numpy(scores)
+    if isinstance(scores, torch.Tensor):
+        return scores
+    if isinstance(scores, Sequence) and len(scores) > 0:
+        heads = [_as_tensor(s, f"{name}[{i}]") for i, s in enumerate(scores)]
+        shapes = {tuple(h.shape) for h in heads}
+        if len(shapes) != 1 or heads[0].dim() != 2:
+            raise ValueError(f"{name}: a list of heads must hold (N, K) matrices of one shape, got {sorted(shapes)}")
+        return torch.stack(heads)
+    raise TypeError(f"{name} must be a torch.Tensor, numpy array, .npy path or list of heads, "
+                    f"got {type(scores).__name__}")
+
+
+def _compute_dtype(dtype: Any, scores: torch.Tensor) -> torch.dtype:
+    if dtype is None:
+        return torch.float64 if scores.dtype == torch.float64 else torch.float32
+    aliases = {"float32": torch.float32, "f32": torch.float32, "float": torch.float32,
+               "float64": torch.float64, "f64": torch.float64, "double": torch.float64,
+               torch.float32: torch.float32, torch.float64: torch.float64,
+               np.float32: torch.float32, np.float64: torch.float64}
+    try:
+        return aliases[dtype]
+    except (KeyError, TypeError):
+        raise ValueError(f"dtype must be float32 or float64 (or None to follow the scores), got {dtype!r}") from None
+
+
+def _marginal(x: Any, n: int, name: str, length_name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if x is None:
+        return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+    t = torch.as_tensor(x, device=device)
+    if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must be numeric, got {t.dtype}")
+    t = t.to(torch.float64)
+    if t.dim() != 1 or t.numel() != n:
+        raise ValueError(f"{name} must have shape ({n},) to match {length_name}={n}, got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    if (t <= 0).any():
+        raise ValueError(f"{name} must be strictly positive (entry {int((t <= 0).nonzero()[0])} is "
+                         f"{float(t[(t <= 0).nonzero()[0]])}); drop zero-mass rows/clusters instead")
+    total = float(t.sum())
+    if abs(total - 1.0) > MARGINAL_SUM_TOL:
+        warnings.warn(f"{name} sums to {total:.6g}, not 1; normalising it", UserWarning, stacklevel=3)
+    return (t / total).to(dtype)
+
+
+def _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every) -> float:
+    if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not math.isfinite(lamb) or lamb <= 0:
+        raise ValueError(f"lamb must be a positive finite number (SeLa uses 25), got {lamb!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+    tol = DEFAULT_TOL[criterion] if tol is None else tol
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0 (0 runs exactly max_iter iterations), got {tol!r}")
+    return float(tol)
+
+
+def _validate_prepared(prep, probs: bool) -> None:
+    bad = ~(torch.isfinite(prep.rowsum) & torch.isfinite(prep.rowmax))
+    if probs:
+        bad |= prep.rowmin < 0
+    if bad.any():
+        h, i = (int(x) for x in bad.nonzero()[0])
+        if probs and prep.rowmin[h, i] < 0:
+            raise ValueError(f"scores: kind='probs' needs non-negative probabilities; row {i} (head {h}) has "
+                             f"{float(prep.rowmin[h, i]):.4g}; pass kind='logits' for raw network outputs")
+        raise ValueError(f"scores contain NaN or inf (row {i}, head {h}); clean the network outputs first")
+    if probs:
+        off = (prep.rowsum - 1).abs() > PROBS_SUM_TOL
+        if off.any():
+            h, i = (int(x) for x in off.nonzero()[0])
+            raise ValueError(f"scores: kind='probs' needs rows summing to 1 (tolerance {PROBS_SUM_TOL}); row {i} "
+                             f"(head {h}) sums to {float(prep.rowsum[h, i]):.6g}; apply softmax or use kind='logits'")
+    dead = torch.isinf(prep.colmax)
+    if dead.any():
+        h, j = (int(x) for x in dead.nonzero()[0])
+        raise ValueError(f"scores: cluster {j} (head {h}) has probability 0 for every sample, so no balanced "
+                         "assignment exists; drop that cluster or give it a positive col_marginal-free score")
+
+
+def _init_log_v(init: Any, H: int, K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    if init is None:
+        return None
+    log_v = init.log_v if isinstance(init, SinkhornResult) else torch.as_tensor(init)
+    log_v = log_v.to(device=device, dtype=dtype)
+    if log_v.dim() == 1:
+        log_v = log_v.expand(H, -1)
+    if tuple(log_v.shape) != (H, K):
+        raise ValueError(f"init must be a SinkhornResult or log_v of shape ({K},) or ({H}, {K}), "
+                         f"got shape {tuple(log_v.shape)}")
+    if not torch.isfinite(log_v).all():
+        raise ValueError("init contains NaN or inf potentials")
+    return log_v - log_v.amax(-1, keepdim=True)  # potentials are defined up to a constant
+
+
+class _Loop:
+    """The convergence loop shared by both algorithms."""
+
+    def __init__(self, backend: Backend, tol: float, max_iter: int, check_every: int, criterion: str,
+                 bar: tqdm) -> None:
+        self.be, self.tol, self.max_iter, self.check_every = backend, tol, max_iter, check_every
+        self.criterion, self.bar = criterion, bar
+        self.history: list[tuple[int, float]] = []
+        self.k = 0
+        self.error = math.inf
+        self.converged = False
+
+    def due(self) -> bool:
+        if self.k == self.max_iter:
+            return True
+        if self.criterion == "sela":  # SeLa checks at its counters 0, 10, 20, ... (iterations 1, 11, ...)
+            return self.k > 1 and (self.k - 1) % self.check_every == 0
+        return self.k % self.check_every == 0
+
+    def record(self, colmass: torch.Tensor, b: torch.Tensor, change: torch.Tensor) -> bool:
+        """Record a check; return True when the loop must stop."""
+        err = (colmass - b).abs().sum(-1).double()
+        crit = change if self.criterion == "sela" else err
+        stats = torch.stack([err.max(), crit.max()]).cpu()  # the one host sync per check
+        self.error, value = float(stats[0]), float(stats[1])
+        self.history.append((self.k, value))
+        self.bar.update(self.k - self.bar.n)
+        self.bar.set_postfix(err=f"{self.error:.2e}")
+        self.converged = self.tol > 0 and value <= self.tol
+        return self.converged or self.k >= self.max_iter
+
+
+def _run_scaling(loop: _Loop, M, a, b, log_v0):
+    H, N, K = M.shape
+    u = a.repeat(H, 1)
+    v = torch.ones(H, K, dtype=M.dtype, device=M.device) if log_v0 is None else torch.exp(log_v0)
+    good_log_v = torch.log(v)
+    while loop.k < loop.max_iter:
+        loop.k += 1
+        w, change = loop.be.scaling_pass(M, a, u, v)
+        if loop.due():
+            ok = torch.isfinite(w).all() & (w > 0).all() & torch.isfinite(u).all() & (u > 0).all()
+            if not bool(ok):
+                return None, good_log_v
+            if loop.record(v * w, b, change):
+                break
+            good_log_v = torch.log(v)
+        v = b / w
+    return torch.log(u), torch.log(v)
+
+
+def _run_log(loop: _Loop, L, log_a, log_b, log_v0):
+    H, N, K = L.shape
+    f = log_a.repeat(H, 1)
+    g = torch.zeros(H, K, dtype=L.dtype, device=L.device) if log_v0 is None else log_v0.clone()
+    while loop.k < loop.max_iter:
+        loop.k += 1
+        logw, change = loop.be.log_pass(L, log_a, f, g)
+        if loop.due():
+            if not bool(torch.isfinite(logw).all() & torch.isfinite(f).all()):
+                raise FloatingPointError(
+                    f"log-domain Sinkhorn produced non-finite potentials at iteration {loop.k}; "
+                    "this is a bug, please report it with the scores' shape and lamb")
+            if loop.record(torch.exp(logw), torch.exp(log_b), change):
+                break
+        g = g + (log_b - logw)
+    return f, g
+
+
+def sinkhorn_knopp(
+    scores: Any,
+    *,
+    lamb: float = 25.0,
+    kind: str = "logits",
+    row_marginal: Any = None,
+    col_marginal: Any = None,
+    dtype: Any = None,
+    algorithm: str = "auto",
+    backend: str = "auto",
+    tol: float | None = None,
+    max_iter: int = 1000,
+    check_every: int = 10,
+    criterion: str = "marginal",
+    init: Any = None,
+    progress: bool = False,
+) -> SinkhornResult:
+    """Label N samples with K balanced clusters (SeLa's self-labelling step).
+
+    Solves ``min_Q <Q, -S> - H(Q)/lamb`` subject to ``Q 1 = a`` and ``Q^T 1 = b`` by
+    Sinkhorn-Knopp, and returns hard labels ``argmax_j Q_ij``.
+
+    Args:
+        scores: (N, K) scores, or (H, N, K) / a list of (N, K) for H heads solved together.
+            A torch tensor (CPU or CUDA), numpy array, numpy memmap or ``.npy`` path.
+            Never modified.
+        lamb: sharpness (SeLa's lambda); the plan is ``exp(lamb * S)`` scaled.
+        kind: "logits" or "log_probs" (the same to the solver: per-row shifts do not
+            matter), or "probs" (rows summing to 1; enters as ``log P``).
+        row_marginal: (N,) sample weights a, default uniform. Strictly positive;
+            normalised to sum 1 (with a warning if it was off by more than 1e-4).
+        col_marginal: (K,) cluster proportions b, default uniform (equipartition). Same rules.
+        dtype: compute dtype, float32 or float64; default float64 for float64 scores,
+            float32 otherwise.
+        algorithm: "scaling" (fast: one multiply-add per entry), "log" (log-domain, stable
+            for any lamb), or "auto": scaling when the dtype's range allows it, switching to
+            the log form if the scaling form under- or overflows. Never returns NaN/inf.
+        backend: "auto" ("cpu" for CPU tensors, else "torch"), "cpu" (fused C++),
+            or "torch" (plain torch ops, any device).
+        tol: stopping threshold. For criterion="marginal" the L1 violation of the column
+            marginal of a row-exact plan (total mass 1), default 1e-5; for "sela" the
+            summed relative change of the row scaling, default 0.1. 0 runs exactly
+            ``max_iter`` iterations.
+        max_iter: iteration cap.
+        check_every: inspect the error every this many iterations (each check is one
+            host-device sync on GPU; the error itself is a by-product of the pass).
+        criterion: "marginal", or "sela" for SeLa's rule (checked at iterations 1 + m*check_every).
+        init: warm start: a previous ``SinkhornResult`` or its ``log_v`` ((K,) or (H, K)).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        SinkhornResult with ``labels`` (N,) or (H, N), duals, ``n_iter``, ``converged``,
+        ``error``, ``history`` and ``seconds``.
+
+    Raises:
+        TypeError: non-floating scores or marginals.
+        ValueError: bad shapes, NaN/inf scores, invalid probabilities, bad options.
+        FloatingPointError: algorithm="scaling" under- or overflowed (use "auto" or "log").
+    """
+    t0 = time.perf_counter()
+    tol = _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every)
+    raw = _as_tensor(scores)
+    if not raw.dtype.is_floating_point:
+        raise TypeError(f"scores must be floating point, got {raw.dtype}; cast with .float()")
+    if raw.dim() not in (2, 3):
+        raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(raw.shape)}")
+    stacked = raw.dim() == 3
+    raw3 = raw if stacked else raw.unsqueeze(0)
+    H, N, K = raw3.shape
+    if H == 0 or N == 0 or K == 0:
+        raise ValueError(f"scores must not be empty, got shape {tuple(raw.shape)}")
+    if N < K:
+        warnings.warn(f"N={N} samples < K={K} clusters: hard labels cannot be balanced", UserWarning, stacklevel=2)
+    cdtype = _compute_dtype(dtype, raw3)
+    device = raw3.device
+    be = get_backend(backend, device)
+    a = _marginal(row_marginal, N, "row_marginal", "N", cdtype, device)
+    b = _marginal(col_marginal, K, "col_marginal", "K", cdtype, device).expand(H, K)
+    log_v0 = _init_log_v(init, H, K, cdtype, device)
+    probs = kind == "probs"
+    S = raw3.to(cdtype).contiguous()
+
+    algo = "scaling" if algorithm in ("auto", "scaling") else "log"
+    prep = be.prepare(S, lamb, probs, exponentiate=algo == "scaling")
+    _validate_prepared(prep, probs)
+    if algorithm == "auto" and float(prep.colmax.min()) < -SCALING_SAFE_LOG[cdtype]:
+        algo = "log"
+        prep = be.prepare(S, lamb, probs, exponentiate=False)
+    rowmax = prep.rowmax
+
+    switched_at = None
+    with tqdm(total=max_iter, disable=not progress, desc=f"sinkhorn[{be.name}]", unit="it", leave=False) as bar:
+        loop = _Loop(be, tol, max_iter, check_every, criterion, bar)
+        if algo == "scaling":
+            log_u, log_v = _run_scaling(loop, prep.mat, a, b, log_v0)
+            if log_u is None:
+                if algorithm == "scaling":
+                    raise FloatingPointError(
+                        f"the scaling form under/overflowed in {cdtype} at iteration {loop.k} (lamb={lamb} is "
+                        "too sharp for this dtype); use algorithm='log' or 'auto', or dtype=torch.float64")
+                switched_at, algo, log_v0 = loop.k, "log", log_v
+                del prep
+                prep = be.prepare(S, lamb, probs, exponentiate=False)
+        if algo == "log":
+            log_u, log_v = _run_log(loop, prep.mat, torch.log(a), torch.log(b), log_v0)
+        labels = be.labels(prep.mat, log_v.contiguous(), linear=algo == "scaling")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    squeeze = (lambda t: t) if stacked else (lambda t: t[0])
+    return SinkhornResult(
+        labels=squeeze(labels), log_u=squeeze(log_u), log_v=squeeze(log_v), n_iter=loop.k,
+        converged=loop.converged, error=loop.error, history=loop.history,
+        seconds=time.perf_counter() - t0, algorithm=algo, backend=be.name, switched_at=switched_at,
+        lamb=float(lamb), kind=kind, _scores=raw3, _rowmax=rowmax,
+    )
