@@ -14,6 +14,7 @@ demo: $(BUILT)
 	$(PY) -m selflabel demo
 
 test: $(BUILT)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(BUILT)

@@ -1,0 +1,128 @@
+"""The fused C++ kernels against the plain-torch backend, pass by pass."""
+
+import pytest
+import torch
+
+from selflabel import _C
+from selflabel.backends.cpu import CpuBackend
+from selflabel.backends.torch_ref import TorchBackend
+
+SHAPES = [(1, 1, 1), (1, 7, 1), (1, 1, 9), (2, 37, 13), (1, 130, 515), (3, 65, 1031), (1, 5, 2050)]
+
+
+def _close(x, y, dtype, rtol32=2e-5):
+    rtol = rtol32 if dtype == torch.float32 else 1e-11
+    return torch.allclose(x.double(), y.double(), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+@pytest.mark.parametrize("exponentiate", [False, True])
+def test_prepare(shape, dtype, kind, exponentiate):
+    s = torch.randn(shape, dtype=torch.float64) * 3
+    if kind == "probs":
+        s = torch.softmax(s, -1)
+    s = s.to(dtype)
+    got = CpuBackend().prepare(s, 7.5, kind == "probs", exponentiate)
+    ref = TorchBackend().prepare(s, 7.5, kind == "probs", exponentiate)
+    for name in ("rowmax", "rowsum", "rowmin"):
+        assert _close(getattr(got, name), getattr(ref, name), dtype), name
+    assert torch.allclose(got.colmax.double(), ref.colmax.double(), atol=1e-4 if dtype == torch.float32 else 1e-10)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got.mat.double(), ref.mat.double(), **tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scaling_pass(shape, dtype):
+    H, N, K = shape
+    M = torch.rand(shape, dtype=dtype) + 0.01
+    a = torch.rand(N, dtype=dtype) + 0.1
+    v = torch.rand(H, K, dtype=dtype) + 0.1
+    u0 = torch.rand(H, N, dtype=dtype) + 0.1
+    u_c, u_t = u0.clone(), u0.clone()
+    w_c, ch_c = CpuBackend().scaling_pass(M, a, u_c, v)
+    w_t, ch_t = TorchBackend().scaling_pass(M, a, u_t, v)
+    assert _close(u_c, u_t, dtype) and _close(w_c, w_t, dtype, rtol32=1e-5)
+    assert torch.allclose(ch_c, ch_t, rtol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_pass(shape, dtype):
+    H, N, K = shape
+    L = -torch.rand(shape, dtype=dtype) * 20
+    log_a = torch.log(torch.rand(N, dtype=dtype) + 0.1)
+    g = torch.randn(H, K, dtype=dtype)
+    f0 = torch.randn(H, N, dtype=dtype)
+    f_c, f_t = f0.clone(), f0.clone()
+    lw_c, ch_c = CpuBackend().log_pass(L, log_a, f_c, g)
+    lw_t, ch_t = TorchBackend().log_pass(L, log_a, f_t, g)
+    atol = 2e-5 if dtype == torch.float32 else 1e-11
+    assert torch.allclose(f_c, f_t, atol=atol, rtol=0)
+    assert torch.allclose(lw_c, lw_t, atol=atol * 4, rtol=0)
+    assert torch.allclose(ch_c, ch_t, rtol=1e-3 if dtype == torch.float32 else 1e-9)
+
+
+def test_log_pass_underflowing_column_is_finite_lower_bound():
+    # Column 1 is ~1000 nats below everything else: its mass underflows in both dtypes.
+    for dtype in (torch.float32, torch.float64):
+        L = torch.zeros(1, 50, 3, dtype=dtype)
+        L[..., 1] = -1000.0
+        f = torch.zeros(1, 50, dtype=dtype)
+        log_a = torch.full((50,), -torch.log(torch.tensor(50.0)).item(), dtype=dtype)
+        g = torch.zeros(1, 3, dtype=dtype)
+        lw, _ = CpuBackend().log_pass(L, log_a, f, g)
+        exact = TorchBackend().log_pass(L, log_a, f.clone(), g)[0]
+        assert torch.isfinite(lw).all()
+        assert lw[0, 1] <= exact[0, 1] + 1e-4
+        assert lw[0, 1] >= exact[0, 1] - torch.log(torch.tensor(50.0)).item() - 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("linear", [False, True])
+def test_labels(dtype, linear):
+    mat = torch.rand(2, 333, 77, dtype=dtype)
+    log_v = torch.randn(2, 77, dtype=dtype) * 0.1
+    got = CpuBackend().labels(mat, log_v, linear)
+    ref = TorchBackend().labels(mat, log_v, linear)
+    assert torch.equal(got, ref)
+
+
+def test_labels_first_index_on_ties():
+    mat = torch.zeros(1, 4, 6)
+    assert torch.equal(CpuBackend().labels(mat, torch.zeros(1, 6), False), torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype,ulps", [(torch.float32, 2), (torch.float64, 4)])
+def test_vectorised_exp_and_log_accuracy(dtype, ulps):
+    eps = torch.finfo(dtype).eps
+    lo = -87.0 if dtype == torch.float32 else -708.0
+    x = torch.linspace(lo, 88.0 if dtype == torch.float32 else 709.0, 200_001, dtype=dtype)
+    ref = torch.exp(x.double())
+    rel = ((_C.vec_exp(x).double() - ref) / ref).abs().max().item()
+    assert rel <= ulps * eps
+    assert _C.vec_exp(torch.tensor([-1e4, 1e4], dtype=dtype)).tolist() == [0.0, float("inf")]
+    p = torch.logspace(-30, 30, 100_001, dtype=torch.float64).to(dtype)
+    err = (_C.vec_log(p).double() - torch.log(p.double())).abs() / torch.log(p.double()).abs().clamp_min(1)
+    assert err.max().item() <= ulps * eps
+    special = _C.vec_log(torch.tensor([0.0, -1.0, float("inf"), torch.finfo(dtype).tiny / 4], dtype=dtype))
+    assert special[0] == -float("inf") and torch.isnan(special[1]) and special[2] == float("inf")
+    assert abs(special[3].item() - torch.log(torch.tensor(torch.finfo(dtype).tiny / 4, dtype=torch.float64))) < 1e-5
+
+
+def test_kernels_reject_bad_tensors():
+    M = torch.rand(1, 4, 3)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _C.prepare(M.int(), 1.0, False, True)
+    with pytest.raises(RuntimeError, match="shape"):
+        _C.prepare(M[0], 1.0, False, True)
+    with pytest.raises(RuntimeError, match="lamb"):
+        _C.prepare(M, -1.0, False, True)
+    with pytest.raises(RuntimeError, match="u must have shape"):
+        _C.scaling_pass(M, torch.rand(4), torch.rand(1, 5), torch.rand(1, 3))
+    with pytest.raises(RuntimeError, match="dtype"):
+        _C.scaling_pass(M, torch.rand(4).double(), torch.rand(1, 4), torch.rand(1, 3))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.log_pass(M, torch.rand(4), torch.rand(1, 4), torch.rand(1, 6)[:, ::2])
