@@ -18,7 +18,7 @@ test: $(BUILT)
 	$(PY) -m pytest -q
 
 bench: $(BUILT)
-	$(PY) benchmarks/bench_cpu.py
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/bench_cpu.py
 
 lint: $(DEPS)
 	$(VENV)/bin/ruff check .

@@ -220,8 +220,17 @@ acc_t scaling_rows(const T* __restrict__ M, const T* __restrict__ A, T* __restri
     const T u0 = us[0], u1 = us[1], u2 = us[2], u3 = us[3];
     const T *__restrict__ r0 = rows[0], *__restrict__ r1 = rows[1], *__restrict__ r2 = rows[2],
             *__restrict__ r3 = rows[3];
+    // The column update runs from cache; meanwhile prefetch the next group's rows
+    // so memory stays busy (one cache line of each next row per chunk).
+    const int64_t next_rows = std::min(kRows, end - (i + kRows));
+    const T* next = M + (i + kRows) * K;
+    constexpr int64_t kChunk = 64 / sizeof(T);
+    for (int64_t j0 = 0; j0 < K; j0 += kChunk) {
+      for (int64_t r = 0; r < next_rows; ++r) __builtin_prefetch(next + r * K + j0, 0, 3);
+      const int64_t j1 = std::min(K, j0 + kChunk);
 #pragma omp simd
-    for (int64_t j = 0; j < K; ++j) wb[j] += u0 * r0[j] + u1 * r1[j] + u2 * r2[j] + u3 * r3[j];
+      for (int64_t j = j0; j < j1; ++j) wb[j] += u0 * r0[j] + u1 * r1[j] + u2 * r2[j] + u3 * r3[j];
+    }
     since_flush += nr;
     if (since_flush >= kFlushRows || i + kRows >= end) {
 #pragma omp simd
