@@ -42,17 +42,43 @@ class Backend(Protocol):
         """argmax_j of mat*exp(log_v) (linear) or mat + log_v, int64 (H, N)."""
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def get_backend(name: str, device: torch.device) -> Backend:
     """Resolve a backend name ("auto" included) for tensors on ``device``."""
     from .cpu import CpuBackend
     from .torch_ref import TorchBackend
 
     if name == "auto":
-        name = "cpu" if device.type == "cpu" else "torch"
+        if device.type == "cpu":
+            name = "cpu"
+        else:
+            name = "triton" if device.type == "cuda" and triton_available() else "torch"
     if name == "torch":
         return TorchBackend()
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU scores, got scores on {device}; use backend='auto'")
         return CpuBackend()
-    raise ValueError(f"backend={name!r} is not available; choose one of 'auto', 'torch', 'cpu'")
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+            raise ValueError(f"backend='triton' needs CUDA scores, got scores on {device} "
+                             "(set TRITON_INTERPRET=1 to run the kernels on CPU for testing)")
+        from .triton import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"backend={name!r} is not available; choose one of 'auto', 'torch', 'cpu', 'triton'")

@@ -1,0 +1,95 @@
+"""exp-prob kernel: scores -> kernel matrix, one read of S and one write of the output.
+
+Shapes: S (H, N, K) float32/float64, contiguous. Program (p, h) owns the row blocks
+p, p + P, p + 2P, ... of head h (BLOCK_N rows each) and walks each row in BLOCK_K
+column tiles twice (row statistics, then the output; the second read hits L2).
+
+    x = log S (probs) or S;  m_i = max_j x_ij
+    OUT_ij = lamb (x_ij - m_i)              EXPONENTIATE = False  (log kernel)
+    OUT_ij = exp(lamb (x_ij - m_i))         EXPONENTIATE = True   (scaling kernel)
+
+Outputs: OUT (H, N, K), ROWMAX m (H, N), ROWSUM / ROWMIN of the raw scores (H, N)
+(validation), and COLMAX_PART (H, P, K): each program's column max of lamb (x - m),
+reduced with a max after the launch. Rows whose sum or max is not finite are
+written as 0 (the solver front raises on them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import configs, max_programs
+
+
+@triton.autotune(
+    configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk} for bn in (8, 32) for bk in (128, 512)],
+                    {"BLOCK_N": 4, "BLOCK_K": 32}),
+    key=["K", "PROBS", "EXPONENTIATE"],
+)
+@triton.jit
+def _prepare_kernel(S, OUT, ROWMAX, ROWSUM, ROWMIN, COLMAX_PART, NPROG, N, K, lamb,
+                    PROBS: tl.constexpr, EXPONENTIATE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    dt = S.dtype.element_ty
+    base = h.to(tl.int64) * N * K
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    cols0 = tl.arange(0, BLOCK_K)
+    for blk in tl.range(pid, n_blocks, NPROG):
+        rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        roff = base + rows.to(tl.int64)[:, None] * K
+        mx = tl.full([BLOCK_N], float("-inf"), dt)
+        mn = tl.full([BLOCK_N], float("inf"), dt)
+        sm = tl.zeros([BLOCK_N], dt)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + cols0
+            mask = rmask[:, None] & (cols < K)[None, :]
+            x = tl.load(S + roff + cols[None, :], mask=mask, other=0.0)
+            mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+            mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
+            sm += tl.sum(x, axis=1)
+        m = tl.log(mx) if PROBS else mx
+        ok = (sm - sm == 0) & (m - m == 0)  # finite
+        tl.store(ROWMAX + h * N + rows, m, mask=rmask)
+        tl.store(ROWSUM + h * N + rows, sm.to(tl.float64), mask=rmask)
+        tl.store(ROWMIN + h * N + rows, mn.to(tl.float64), mask=rmask)
+        m_safe = tl.where(ok, m, 0.0)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + cols0
+            cmask = cols < K
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(S + roff + cols[None, :], mask=mask, other=1.0)
+            lx = tl.log(x) if PROBS else x
+            o = tl.where(ok[:, None], lamb * (lx - m_safe[:, None]), 0.0)
+            part = COLMAX_PART + (h * NPROG + pid).to(tl.int64) * K + cols
+            cm = tl.max(tl.where(mask, o, float("-inf")), axis=0)
+            tl.store(part, tl.maximum(tl.load(part, mask=cmask, other=float("-inf")), cm), mask=cmask)
+            if EXPONENTIATE:
+                o = tl.exp(o)
+            tl.store(OUT + roff + cols[None, :], o.to(dt), mask=mask)
+
+
+def prepare(scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool):
+    """Launch the exp-prob kernel; returns (mat, rowmax, colmax, rowsum, rowmin)."""
+    H, N, K = scores.shape
+    scores = scores.contiguous()
+    out = torch.empty_like(scores)
+    rowmax = torch.empty(H, N, dtype=scores.dtype, device=scores.device)
+    rowsum = torch.empty(H, N, dtype=torch.float64, device=scores.device)
+    rowmin = torch.empty(H, N, dtype=torch.float64, device=scores.device)
+    P = min(max_programs(scores.device), N)
+    colmax_part = torch.full((H, P, K), float("-inf"), dtype=scores.dtype, device=scores.device)
+
+    _prepare_kernel[(P, H)](scores, out, rowmax, rowsum, rowmin, colmax_part, P, N, K, float(lamb),
+                          PROBS=probs, EXPONENTIATE=exponentiate)
+    return out, rowmax, colmax_part.amax(1), rowsum, rowmin
+
+
+def torch_reference(scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool):
+    from selflabel.backends.torch_ref import TorchBackend
+
+    return tuple(TorchBackend().prepare(scores, lamb, probs, exponentiate))

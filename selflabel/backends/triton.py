@@ -1,0 +1,33 @@
+"""Triton backend: the GPU path. Every iteration on GPU happens in
+``kernels/scaling.py`` (scaling form) or ``kernels/logdomain.py`` (log domain),
+installed as ``selflabel.kernels``.
+
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Prepared
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self) -> None:
+        from selflabel.kernels import labels, logdomain, prepare, scaling
+
+        self._prepare, self._scaling, self._log, self._labels = prepare, scaling, logdomain, labels
+
+    def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
+        return Prepared(*self._prepare.prepare(scores, lamb, probs, exponentiate))
+
+    def scaling_pass(self, M, a, u, v):
+        return self._scaling.scaling_pass(M, a, u, v)
+
+    def log_pass(self, L, log_a, f, g):
+        return self._log.log_pass(L, log_a, f, g)
+
+    def labels(self, mat, log_v, linear):
+        return self._labels.labels(mat, log_v, linear)

@@ -1,0 +1,130 @@
+"""Triton kernels against their torch references (CPU interpreter without a GPU,
+real sizes on a GPU), and the solver on backend="triton" against the C++ backend."""
+
+import pytest
+import torch
+from conftest import ON_GPU
+from selflabel.kernels import labels as labels_k
+from selflabel.kernels import logdomain, prepare, scaling
+
+import selflabel as sl
+from selflabel.synthetic import make_scores
+
+# The interpreter evaluates masked-off lanes too (e.g. -inf - -inf); numpy warns about them.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DEV = "cuda" if ON_GPU else "cpu"
+# small odd shapes for the interpreter (N, K not multiples of the 4 x 32 blocks, K=1..3, N<K);
+# a GPU session adds real sizes
+SHAPES = [(1, 1, 1), (1, 5, 2), (1, 3, 3), (2, 13, 7), (1, 9, 70), (1, 2, 37)]
+if ON_GPU:
+    SHAPES += [(1, 100_003, 1000), (2, 4097, 3001)]
+DTYPES = [torch.float32, torch.float64]
+
+
+def _tol(dtype):
+    return dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("exponentiate", [False, True])
+def test_prepare_kernel(shape, dtype, probs, exponentiate):
+    s = torch.randn(shape, dtype=torch.float64, device=DEV) * 3
+    if probs:
+        s = torch.softmax(s, -1)
+    s = s.to(dtype)
+    got = prepare.prepare(s, 7.5, probs, exponentiate)
+    ref = prepare.torch_reference(s, 7.5, probs, exponentiate)
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == r.shape
+        assert torch.allclose(g.double(), r.double(), **_tol(dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaling_kernel(shape, dtype):
+    H, N, K = shape
+    M = torch.rand(shape, dtype=dtype, device=DEV) + 0.01
+    a = torch.rand(N, dtype=dtype, device=DEV) + 0.1
+    v = torch.rand(H, K, dtype=dtype, device=DEV) + 0.1
+    u0 = torch.rand(H, N, dtype=dtype, device=DEV) + 0.1
+    u_k, u_r = u0.clone(), u0.clone()
+    w_k, ch_k = scaling.scaling_pass(M, a, u_k, v)
+    w_r, ch_r = scaling.torch_reference(M, a, u_r, v)
+    assert torch.allclose(u_k, u_r, **_tol(dtype)) and torch.allclose(w_k, w_r, **_tol(dtype))
+    assert torch.allclose(ch_k, ch_r, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_kernel(shape, dtype):
+    H, N, K = shape
+    L = -torch.rand(shape, dtype=dtype, device=DEV) * 20
+    log_a = torch.log(torch.rand(N, dtype=dtype, device=DEV) + 0.1)
+    g = torch.randn(H, K, dtype=dtype, device=DEV)
+    f0 = torch.randn(H, N, dtype=dtype, device=DEV)
+    f_k, f_r = f0.clone(), f0.clone()
+    lw_k, ch_k = logdomain.log_pass(L, log_a, f_k, g)
+    lw_r, ch_r = logdomain.torch_reference(L, log_a, f_r, g)
+    atol = 2e-5 if dtype == torch.float32 else 1e-11
+    assert torch.allclose(f_k, f_r, atol=atol, rtol=0) and torch.allclose(lw_k, lw_r, atol=4 * atol, rtol=0)
+    assert torch.allclose(ch_k, ch_r, rtol=1e-3)
+
+
+def test_log_kernel_underflowing_column():
+    L = torch.zeros(1, 20, 3, device=DEV)
+    L[..., 1] = -1000.0
+    log_a = torch.full((20,), -torch.log(torch.tensor(20.0)).item(), device=DEV)
+    f, g = torch.zeros(1, 20, device=DEV), torch.zeros(1, 3, device=DEV)
+    lw, _ = logdomain.log_pass(L, log_a, f, g)
+    exact = logdomain.torch_reference(L, log_a, f.clone(), g)[0]
+    assert torch.isfinite(lw).all()
+    assert exact[0, 1] - torch.log(torch.tensor(20.0)) - 1e-3 <= lw[0, 1] <= exact[0, 1] + 1e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("linear", [False, True])
+def test_labels_kernel(shape, dtype, linear):
+    H, N, K = shape
+    mat = torch.rand(shape, dtype=dtype, device=DEV)
+    log_v = torch.randn(H, K, dtype=dtype, device=DEV) * 0.1
+    assert torch.equal(labels_k.labels(mat, log_v, linear), labels_k.torch_reference(mat, log_v, linear))
+
+
+def test_labels_kernel_first_index_on_ties():
+    mat = torch.zeros(1, 5, 70, device=DEV)
+    mat[0, 2, [40, 65]] = 1.0
+    out = labels_k.labels(mat, torch.zeros(1, 70, device=DEV), False)
+    assert out.tolist() == [[0, 0, 40, 0, 0]]
+
+
+@pytest.mark.parametrize("algorithm", ["scaling", "log", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_solver_on_triton_matches_cpu(algorithm, dtype):
+    n, k = (40, 5) if not ON_GPU else (20_000, 300)
+    scores = make_scores(n, k, kind="probs", temperature=2.0, dead=1, dead_margin=0.5, dtype=dtype, seed=2)
+    res = sl.sinkhorn_knopp(scores.to(DEV), kind="probs", lamb=10.0, backend="triton", algorithm=algorithm,
+                            tol=1e-6, max_iter=3000)
+    ref = sl.sinkhorn_knopp(scores, kind="probs", lamb=10.0, backend="cpu", algorithm=algorithm, tol=1e-6,
+                            max_iter=3000)
+    assert ref.n_iter < 200  # keeps the interpreter run short
+    assert res.backend == "triton" and res.converged and res.algorithm == ref.algorithm
+    assert (res.labels.cpu() == ref.labels).float().mean() >= 0.99
+    assert (res.plan().cpu().double() - ref.plan().double()).abs().sum() <= 1e-4
+
+
+def test_triton_results_are_deterministic():
+    scores = make_scores(50, 6, seed=8).to(DEV)
+    r1 = sl.sinkhorn_knopp(scores, backend="triton", tol=0, max_iter=15)
+    r2 = sl.sinkhorn_knopp(scores, backend="triton", tol=0, max_iter=15)
+    assert torch.equal(r1.labels, r2.labels) and torch.equal(r1.log_v, r2.log_v)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter error")
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA scores"):
+        sl.sinkhorn_knopp(torch.randn(10, 3), backend="triton")
