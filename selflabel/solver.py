@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import Backend, get_backend
+from .distributed import Reducer
 from .result import SinkhornResult
 
 KINDS = ("logits", "log_probs", "probs")
@@ -77,9 +78,10 @@ def _compute_dtype(dtype: Any, scores: torch.Tensor) -> torch.dtype:
         raise ValueError(f"dtype must be float32 or float64 (or None to follow the scores), got {dtype!r}") from None
 
 
-def _marginal(x: Any, n: int, name: str, length_name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _check_marginal(x: Any, n: int, name: str, length_name: str, device: torch.device) -> torch.Tensor | None:
+    """Validate a marginal; float64, not yet normalised (None: uniform)."""
     if x is None:
-        return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+        return None
     t = torch.as_tensor(x, device=device)
     if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{name} must be numeric, got {t.dtype}")
@@ -89,9 +91,16 @@ def _marginal(x: Any, n: int, name: str, length_name: str, dtype: torch.dtype, d
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or inf")
     if (t <= 0).any():
-        raise ValueError(f"{name} must be strictly positive (entry {int((t <= 0).nonzero()[0])} is "
-                         f"{float(t[(t <= 0).nonzero()[0]])}); drop zero-mass rows/clusters instead")
-    total = float(t.sum())
+        bad = int((t <= 0).nonzero()[0])
+        raise ValueError(f"{name} must be strictly positive (entry {bad} is {float(t[bad])}); "
+                         "drop zero-mass rows/clusters instead")
+    return t
+
+
+def _normalise(t: torch.Tensor, name: str, dtype: torch.dtype, reducer: Reducer | None = None) -> torch.Tensor:
+    """``t`` divided by its total (across ranks with a reducer), warning if that was off 1."""
+    total_t = t.sum().reshape(1)
+    total = float((reducer.sum_(total_t) if reducer is not None else total_t)[0])
     if abs(total - 1.0) > MARGINAL_SUM_TOL:
         warnings.warn(f"{name} sums to {total:.6g}, not 1; normalising it", UserWarning, stacklevel=3)
     return (t / total).to(dtype)
@@ -132,11 +141,14 @@ def _validate_prepared(prep, probs: bool) -> None:
             h, i = (int(x) for x in off.nonzero()[0])
             raise ValueError(f"scores: kind='probs' needs rows summing to 1 (tolerance {PROBS_SUM_TOL}); row {i} "
                              f"(head {h}) sums to {float(prep.rowsum[h, i]):.6g}; apply softmax or use kind='logits'")
-    dead = torch.isinf(prep.colmax)
+
+
+def _check_columns(colmax: torch.Tensor) -> None:
+    dead = torch.isinf(colmax)
     if dead.any():
         h, j = (int(x) for x in dead.nonzero()[0])
         raise ValueError(f"scores: cluster {j} (head {h}) has probability 0 for every sample, so no balanced "
-                         "assignment exists; drop that cluster or give it a positive col_marginal-free score")
+                         "assignment exists; drop that cluster")
 
 
 def _init_log_v(init: Any, H: int, K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -157,9 +169,9 @@ def _init_log_v(init: Any, H: int, K: int, dtype: torch.dtype, device: torch.dev
 class _Loop:
     """The convergence loop shared by both algorithms."""
 
-    def __init__(self, backend: Backend, tol: float, max_iter: int, check_every: int, criterion: str,
-                 bar: tqdm) -> None:
-        self.be, self.tol, self.max_iter, self.check_every = backend, tol, max_iter, check_every
+    def __init__(self, backend: Backend, reducer: Reducer, tol: float, max_iter: int, check_every: int,
+                 criterion: str, bar: tqdm) -> None:
+        self.be, self.red, self.tol, self.max_iter, self.check_every = backend, reducer, tol, max_iter, check_every
         self.criterion, self.bar = criterion, bar
         self.history: list[tuple[int, float]] = []
         self.k = 0
@@ -176,7 +188,7 @@ class _Loop:
     def record(self, colmass: torch.Tensor, b: torch.Tensor, change: torch.Tensor) -> bool:
         """Record a check; return True when the loop must stop."""
         err = (colmass - b).abs().sum(-1).double()
-        crit = change if self.criterion == "sela" else err
+        crit = self.red.sum_(change.clone()) if self.criterion == "sela" else err
         stats = torch.stack([err.max(), crit.max()]).cpu()  # the one host sync per check
         self.error, value = float(stats[0]), float(stats[1])
         self.history.append((self.k, value))
@@ -194,9 +206,10 @@ def _run_scaling(loop: _Loop, M, a, b, log_v0):
     while loop.k < loop.max_iter:
         loop.k += 1
         w, change = loop.be.scaling_pass(M, a, u, v)
+        loop.red.sum_(w)
         if loop.due():
-            ok = torch.isfinite(w).all() & (w > 0).all() & torch.isfinite(u).all() & (u > 0).all()
-            if not bool(ok):
+            bad = ~(torch.isfinite(w).all() & (w > 0).all() & torch.isfinite(u).all() & (u > 0).all())
+            if bool(loop.red.max_(bad.to(M.dtype).reshape(1))[0] > 0):
                 return None, good_log_v
             if loop.record(v * w, b, change):
                 break
@@ -212,8 +225,10 @@ def _run_log(loop: _Loop, L, log_a, log_b, log_v0):
     while loop.k < loop.max_iter:
         loop.k += 1
         logw, change = loop.be.log_pass(L, log_a, f, g)
+        logw = loop.red.logsumexp_(logw)
         if loop.due():
-            if not bool(torch.isfinite(logw).all() & torch.isfinite(f).all()):
+            bad = ~(torch.isfinite(logw).all() & torch.isfinite(f).all())
+            if bool(loop.red.max_(bad.to(L.dtype).reshape(1))[0] > 0):
                 raise FloatingPointError(
                     f"log-domain Sinkhorn produced non-finite potentials at iteration {loop.k}; "
                     "this is a bug, please report it with the scores' shape and lamb")
@@ -239,6 +254,8 @@ def sinkhorn_knopp(
     criterion: str = "marginal",
     init: Any = None,
     progress: bool = False,
+    process_group: Any = None,
+    gather_labels: bool = False,
 ) -> SinkhornResult:
     """Label N samples with K balanced clusters (SeLa's self-labelling step).
 
@@ -272,6 +289,14 @@ def sinkhorn_knopp(
         criterion: "marginal", or "sela" for SeLa's rule (checked at iterations 1 + m*check_every).
         init: warm start: a previous ``SinkhornResult`` or its ``log_v`` ((K,) or (H, K)).
         progress: show a tqdm progress bar.
+        process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): each
+            rank passes its own rows (any number, unequal shards allowed); the column side is
+            global. One all_reduce of the (H, K) column sums per iteration (two in the log
+            domain); stopping decisions are identical on every rank. Row marginals default
+            to 1/N_total; a given row_marginal is this rank's shard, normalised globally.
+            Bad input on any rank raises on every rank.
+        gather_labels: with a process group, return the labels of all ranks' rows (in rank
+            order) on every rank instead of this rank's only.
 
     Returns:
         SinkhornResult with ``labels`` (N,) or (H, N), duals, ``n_iter``, ``converged``,
@@ -283,39 +308,56 @@ def sinkhorn_knopp(
         FloatingPointError: algorithm="scaling" under- or overflowed (use "auto" or "log").
     """
     t0 = time.perf_counter()
-    tol = _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every)
-    raw = _as_tensor(scores)
-    if not raw.dtype.is_floating_point:
-        raise TypeError(f"scores must be floating point, got {raw.dtype}; cast with .float()")
-    if raw.dim() not in (2, 3):
-        raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(raw.shape)}")
-    stacked = raw.dim() == 3
-    raw3 = raw if stacked else raw.unsqueeze(0)
-    H, N, K = raw3.shape
-    if H == 0 or N == 0 or K == 0:
-        raise ValueError(f"scores must not be empty, got shape {tuple(raw.shape)}")
-    if N < K:
-        warnings.warn(f"N={N} samples < K={K} clusters: hard labels cannot be balanced", UserWarning, stacklevel=2)
-    cdtype = _compute_dtype(dtype, raw3)
-    device = raw3.device
-    be = get_backend(backend, device)
-    a = _marginal(row_marginal, N, "row_marginal", "N", cdtype, device)
-    b = _marginal(col_marginal, K, "col_marginal", "K", cdtype, device).expand(H, K)
-    log_v0 = _init_log_v(init, H, K, cdtype, device)
-    probs = kind == "probs"
-    S = raw3.to(cdtype).contiguous()
-
-    algo = "scaling" if algorithm in ("auto", "scaling") else "log"
-    prep = be.prepare(S, lamb, probs, exponentiate=algo == "scaling")
-    _validate_prepared(prep, probs)
-    if algorithm == "auto" and float(prep.colmax.min()) < -SCALING_SAFE_LOG[cdtype]:
+    red = Reducer(process_group)
+    H = K = N = -1
+    error: Exception | None = None
+    try:  # every local check; with a process group, errors are agreed on below so no rank hangs
+        tol = _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every)
+        raw = _as_tensor(scores)
+        if not raw.dtype.is_floating_point:
+            raise TypeError(f"scores must be floating point, got {raw.dtype}; cast with .float()")
+        if raw.dim() not in (2, 3):
+            raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(raw.shape)}")
+        stacked = raw.dim() == 3
+        raw3 = raw if stacked else raw.unsqueeze(0)
+        H, N, K = raw3.shape
+        if H == 0 or N == 0 or K == 0:
+            raise ValueError(f"scores must not be empty, got shape {tuple(raw.shape)}")
+        cdtype = _compute_dtype(dtype, raw3)
+        device = raw3.device
+        be = get_backend(backend, device)
+        log_v0 = _init_log_v(init, H, K, cdtype, device)
+        a_raw = _check_marginal(row_marginal, N, "row_marginal", "N", device)
+        b_raw = _check_marginal(col_marginal, K, "col_marginal", "K", device)
+        probs = kind == "probs"
+        S = raw3.to(cdtype).contiguous()
+        algo = "scaling" if algorithm in ("auto", "scaling") else "log"
+        prep = be.prepare(S, lamb, probs, exponentiate=algo == "scaling")
+        _validate_prepared(prep, probs)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if not red.active:
+            raise
+        error = exc
+    n_total = red.agree(error, H, K, N)
+    if n_total < K:
+        warnings.warn(f"N={n_total} samples < K={K} clusters: hard labels cannot be balanced", UserWarning,
+                      stacklevel=2)
+    if a_raw is None:
+        a = torch.full((N,), 1.0 / n_total, dtype=cdtype, device=device)
+    else:
+        a = _normalise(a_raw, "row_marginal", cdtype, red)
+    b = (torch.full((K,), 1.0 / K, dtype=cdtype, device=device) if b_raw is None
+         else _normalise(b_raw, "col_marginal", cdtype)).expand(H, K)
+    colmax = red.max_(prep.colmax.clone())
+    _check_columns(colmax)
+    if algorithm == "auto" and float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]:
         algo = "log"
         prep = be.prepare(S, lamb, probs, exponentiate=False)
     rowmax = prep.rowmax
 
     switched_at = None
     with tqdm(total=max_iter, disable=not progress, desc=f"sinkhorn[{be.name}]", unit="it", leave=False) as bar:
-        loop = _Loop(be, tol, max_iter, check_every, criterion, bar)
+        loop = _Loop(be, red, tol, max_iter, check_every, criterion, bar)
         if algo == "scaling":
             log_u, log_v = _run_scaling(loop, prep.mat, a, b, log_v0)
             if log_u is None:
@@ -329,6 +371,8 @@ def sinkhorn_knopp(
         if algo == "log":
             log_u, log_v = _run_log(loop, prep.mat, torch.log(a), torch.log(b), log_v0)
         labels = be.labels(prep.mat, log_v.contiguous(), linear=algo == "scaling")
+        if gather_labels:
+            labels = red.gather_rows(labels)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     squeeze = (lambda t: t) if stacked else (lambda t: t[0])

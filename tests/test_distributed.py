@@ -1,0 +1,104 @@
+"""Distributed solve over spawned gloo process groups equals the single-process solve."""
+
+import multiprocessing as mp
+import queue as queue_mod
+import socket
+
+import numpy as np
+import pytest
+import torch
+from dist_worker import LAMB, K, N, offsets, run
+
+import selflabel as sl
+from selflabel.synthetic import make_scores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(shards: list[int], timeout: float = 240.0) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=run, args=(r, len(shards), port, shards, q)) for r in range(len(shards))]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, out = q.get(timeout=timeout)
+            results[rank] = out
+    except queue_mod.Empty:
+        pytest.fail(f"distributed workers timed out; got ranks {sorted(results)}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    for rank, out in results.items():
+        assert "crash" not in out, f"rank {rank} crashed:\n{out['crash']}"
+    return results
+
+
+def _check_duals(dist_out: dict, single, rows: slice) -> None:
+    shift = np.mean(dist_out["log_v"] - single.log_v.numpy(), axis=-1, keepdims=True)
+    assert np.allclose(dist_out["log_v"] - shift, single.log_v.numpy(), atol=1e-8)
+    assert np.allclose(dist_out["log_u"] + shift, single.log_u.numpy()[..., rows], atol=1e-8)
+
+
+@pytest.mark.parametrize("shards", [[150, 151], [100, 150, 51]], ids=["2-ranks", "3-ranks-unequal"])
+def test_distributed_equals_single_process(shards):
+    results = _spawn(shards)
+    full = make_scores(N, K, temperature=3.0, dead=1, dead_margin=0.5, dtype=torch.float64, seed=1)
+    heads = make_scores(N, K, temperature=3.0, heads=2, dtype=torch.float64, seed=2)
+    off = offsets(shards)
+    for algorithm in ("scaling", "log"):
+        single = sl.sinkhorn_knopp(full, lamb=LAMB, algorithm=algorithm, tol=1e-10, max_iter=50_000)
+        for rank, out in results.items():
+            got = out[algorithm]
+            assert got["converged"] and got["n_iter"] == single.n_iter
+            assert np.array_equal(got["labels"], single.labels.numpy())  # gathered: all rows on every rank
+            _check_duals(got, single, slice(off[rank], off[rank + 1]))
+    single_heads = sl.sinkhorn_knopp(heads, lamb=LAMB, tol=1e-10, max_iter=50_000)
+    weights = np.linspace(1.0, 2.0, N)
+    single_w = sl.sinkhorn_knopp(full, lamb=LAMB, row_marginal=weights / weights.sum(), tol=1e-10, max_iter=50_000)
+    for rank, out in results.items():
+        rows = slice(off[rank], off[rank + 1])
+        assert out["heads"]["labels"].shape == (2, shards[rank])
+        assert np.array_equal(out["heads"]["labels"], single_heads.labels.numpy()[:, rows])
+        _check_duals(out["heads"], single_heads, rows)
+        assert np.array_equal(out["weighted"]["labels"], single_w.labels.numpy()[rows])
+        _check_duals(out["weighted"], single_w, rows)
+        assert out["after_errors"]["converged"]
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank():
+    results = _spawn([150, 151])
+    assert "NaN or inf" in results[1]["nan"]
+    assert "another rank's input is invalid" in results[0]["nan"]
+    for out in results.values():
+        assert "disagree on the number of heads or clusters" in out["mismatched_k"]
+
+
+def test_process_group_without_init_is_a_clear_error():
+    with pytest.raises(ValueError, match="not initialised"):
+        sl.sinkhorn_knopp(torch.randn(10, 3), process_group=object())
+
+
+def test_torchrun_example(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(_free_port())]
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "label_distributed.py")
+    proc = subprocess.run([*torchrun, script, "--samples", "2000", "--clusters", "20"], capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 ranks, 2000 rows" in proc.stdout and "converged=True" in proc.stdout
+    single = sl.sinkhorn_knopp(make_scores(2000, 20, kind="probs", seed=0), kind="probs")
+    assert f"{single.n_iter} iterations" in proc.stdout
