@@ -26,7 +26,8 @@ class SinkhornResult:
         history: ``(iteration, value)`` of the stopping criterion at every check.
         seconds: wall-clock time of the solve, preparation included.
         algorithm: the algorithm that produced the duals ("scaling" or "log"); "auto" may
-            have switched from scaling to log, which is recorded in ``switched_at``.
+            have switched from scaling to log, which is recorded in ``switched_at`` (the
+            iteration whose state the log form resumed from; later scaling iterations are redone).
         backend: the backend that ran the passes.
     """
 

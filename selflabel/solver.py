@@ -202,7 +202,7 @@ def _run_scaling(loop: _Loop, M, a, b, log_v0):
     H, N, K = M.shape
     u = a.repeat(H, 1)
     v = torch.ones(H, K, dtype=M.dtype, device=M.device) if log_v0 is None else torch.exp(log_v0)
-    good_log_v = torch.log(v)
+    good_log_v, good_k = torch.log(v), 0
     while loop.k < loop.max_iter:
         loop.k += 1
         w, change = loop.be.scaling_pass(M, a, u, v)
@@ -210,10 +210,11 @@ def _run_scaling(loop: _Loop, M, a, b, log_v0):
         if loop.due():
             bad = ~(torch.isfinite(w).all() & (w > 0).all() & torch.isfinite(u).all() & (u > 0).all())
             if bool(loop.red.max_(bad.to(M.dtype).reshape(1))[0] > 0):
+                loop.k = good_k  # the caller resumes from the last good state
                 return None, good_log_v
             if loop.record(v * w, b, change):
                 break
-            good_log_v = torch.log(v)
+            good_log_v, good_k = torch.log(v), loop.k
         v = b / w
     return torch.log(u), torch.log(v)
 
@@ -365,7 +366,7 @@ def sinkhorn_knopp(
                     raise FloatingPointError(
                         f"the scaling form under/overflowed in {cdtype} at iteration {loop.k} (lamb={lamb} is "
                         "too sharp for this dtype); use algorithm='log' or 'auto', or dtype=torch.float64")
-                switched_at, algo, log_v0 = loop.k, "log", log_v
+                switched_at, algo, log_v0 = loop.k, "log", log_v  # loop.k: the last good check
                 del prep
                 prep = be.prepare(S, lamb, probs, exponentiate=False)
         if algo == "log":

@@ -40,6 +40,15 @@ def test_auto_switches_to_log_when_scaling_breaks(monkeypatch):
     assert (res.labels == direct.labels).float().mean() >= 0.999
 
 
+def test_auto_fallback_at_the_last_iteration_still_runs_max_iter(monkeypatch):
+    scores = _peaked()
+    monkeypatch.setitem(solver_mod.SCALING_SAFE_LOG, torch.float32, 1e9)
+    res = sl.sinkhorn_knopp(scores, lamb=100.0, tol=0, max_iter=3, check_every=10)
+    assert res.switched_at == 0 and res.algorithm == "log" and res.n_iter == 3
+    direct = sl.sinkhorn_knopp(scores, lamb=100.0, algorithm="log", tol=0, max_iter=3)
+    assert torch.allclose(res.log_v, direct.log_v) and torch.allclose(res.log_u, direct.log_u)
+
+
 def test_auto_takes_scaling_when_safe():
     res = sl.sinkhorn_knopp(make_scores(500, 20, temperature=2.0), lamb=5.0)
     assert res.algorithm == "scaling" and res.switched_at is None and res.converged
