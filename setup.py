@@ -17,7 +17,7 @@ setup(
     name="selflabel",
     version="0.1.0",
     description="Fast Sinkhorn-Knopp self-labelling (SeLa) for clustering-based self-supervised learning",
-    packages=["selflabel", "selflabel.backends", "selflabel.kernels"],
+    packages=["selflabel", "selflabel.backends", "selflabel.compat", "selflabel.kernels"],
     package_dir={"selflabel.kernels": "kernels"},
     ext_modules=[
         CppExtension(

@@ -1,4 +1,4 @@
-"""Command line: ``selflabel label``, ``selflabel demo``."""
+"""Command line: ``selflabel label``, ``selflabel demo``, ``selflabel bench``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--k", type=int, default=500)
     d.add_argument("--lamb", type=float, default=25.0)
     d.set_defaults(func=_demo)
+
+    from .bench import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 

@@ -1,0 +1,87 @@
+"""Drop-ins against plain-torch float64 re-implementations of the peers' documented loops."""
+
+import numpy as np
+import pytest
+import torch
+
+from selflabel.compat.dinov2 import sinkhorn_knopp_teacher
+from selflabel.compat.sela import optimize_labels
+from selflabel.compat.swav import distributed_sinkhorn
+from selflabel.synthetic import make_scores
+
+
+def swav_reference(out, epsilon, iters):
+    """SwAV's distributed_sinkhorn on one process, as published (float64 here)."""
+    q = torch.exp(out.double() / epsilon).t()
+    b, k = q.shape[1], q.shape[0]
+    q /= q.sum()
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+def sela_reference(ps, lamb):
+    """SeLa's optimize_L_sk loop (numpy float64): returns labels and iterations."""
+    ps = np.ascontiguousarray(ps.T, dtype=np.float64) ** lamb
+    k, n = ps.shape
+    r, c = np.ones((k, 1)) / k, np.ones((n, 1)) / n
+    err, counter = 1e6, 0
+    while err > 0.1:
+        r = (1.0 / k) / (ps @ c)
+        c_new = (1.0 / n) / (r.T @ ps).T
+        if counter % 10 == 0:
+            err = np.nansum(np.abs(c / c_new - 1))
+        c = c_new
+        counter += 1
+    return np.argmax(ps * r, axis=0), counter
+
+
+@pytest.mark.parametrize("b,k", [(64, 30), (256, 100), (20, 50)])
+@pytest.mark.parametrize("iters", [1, 3, 5])
+def test_swav_matches_reference(b, k, iters):
+    out = torch.nn.functional.normalize(torch.randn(b, 16), dim=1) @ torch.nn.functional.normalize(
+        torch.randn(k, 16), dim=1).T
+    got = distributed_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=iters)
+    ref = swav_reference(out, 0.05, iters)
+    assert got.shape == (b, k) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, atol=1e-5, rtol=0)
+    assert torch.allclose(got.sum(1), torch.ones(b), atol=1e-5)
+
+
+def test_swav_stable_where_the_peer_overflows():
+    out = torch.randn(128, 40) * 3  # logits, not cosines: exp(out / 0.01) overflows float64
+    assert not torch.isfinite(swav_reference(out, 0.01, 3)).all()
+    got = distributed_sinkhorn(out, epsilon=0.01)
+    assert torch.isfinite(got).all() and torch.allclose(got.sum(1), torch.ones(128), atol=1e-5)
+    # equals the peer's loop done exactly (log domain, float64)
+    logq = out.double() / 0.01
+    logq = logq - torch.logsumexp(logq.flatten(), 0)
+    for _ in range(3):
+        logq = logq - torch.logsumexp(logq, 0, keepdim=True) - np.log(40)
+        logq = logq - torch.logsumexp(logq, 1, keepdim=True) - np.log(128)
+    assert torch.allclose(got.double(), torch.exp(logq) * 128, atol=1e-5)
+
+
+def test_dinov2_matches_reference():
+    teacher = torch.randn(96, 65, dtype=torch.float16) * 2
+    got = sinkhorn_knopp_teacher(teacher, teacher_temp=0.07, n_iterations=3)
+    ref = swav_reference(teacher.float(), 0.07, 3)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n,k,lamb", [(2000, 20, 25.0), (500, 50, 10.0)])
+def test_sela_matches_reference(n, k, lamb):
+    ps = make_scores(n, k, kind="probs", temperature=3.0, dtype=torch.float64, seed=4).numpy()
+    ref_labels, _ = sela_reference(ps, lamb)
+    assert np.array_equal(optimize_labels(ps, lamb=lamb), ref_labels)
+    f32 = optimize_labels(ps.astype(np.float32), lamb=lamb, dtype=np.float32)
+    assert (f32 == ref_labels).mean() >= 0.99
+
+
+def test_sela_bad_dtype():
+    with pytest.raises(ValueError, match="dtype"):
+        optimize_labels(np.full((4, 2), 0.5), dtype=np.int64)
