@@ -2,6 +2,7 @@
 
 from .result import SinkhornResult
 from .solver import sinkhorn_knopp
+from .store import ScoreStore
 
-__all__ = ["SinkhornResult", "sinkhorn_knopp"]
+__all__ = ["ScoreStore", "SinkhornResult", "sinkhorn_knopp"]
 __version__ = "0.1.0"

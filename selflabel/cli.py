@@ -15,6 +15,7 @@ def _label(args: argparse.Namespace) -> int:
     res = sinkhorn_knopp(
         args.scores, lamb=args.lamb, kind=args.kind, dtype=args.dtype, algorithm=args.algorithm,
         backend=args.backend, tol=args.tol, max_iter=args.max_iter, progress=not args.quiet,
+        memory_budget=args.memory_budget,
     )
     labels = res.labels.cpu().numpy()
     save_npy(args.out, labels)
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto")
     p.add_argument("--tol", type=float, default=None)
     p.add_argument("--max-iter", type=int, default=1000)
+    p.add_argument("--memory-budget", default=None,
+                   help="stream the file in row blocks within this budget, e.g. 1GB (backend 'chunked')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
 

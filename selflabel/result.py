@@ -60,7 +60,8 @@ class SinkhornResult:
             (n, K) tensor, or (H, n, K) for stacked heads, in the solver's dtype.
         """
         if self._scores is None or self._rowmax is None:
-            raise RuntimeError("this result holds no reference to its scores; plan() is unavailable")
+            raise RuntimeError("this result holds no reference to its scores (backend='chunked' never keeps "
+                               "them); compute the plan of a row block from log_u, log_v and your scores")
         rows = slice(None) if rows is None else rows
         s = self._scores[:, rows].to(self.log_v.dtype)
         if self.kind == "probs":

@@ -25,8 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import Backend, get_backend
+from .backends.chunked import ChunkedBackend, ChunkedScores, rows_per_block
 from .distributed import Reducer
 from .result import SinkhornResult
+from .source import make_source, parse_bytes
 
 KINDS = ("logits", "log_probs", "probs")
 ALGORITHMS = ("auto", "scaling", "log")
@@ -104,6 +106,12 @@ def _normalise(t: torch.Tensor, name: str, dtype: torch.dtype, reducer: Reducer 
     if abs(total - 1.0) > MARGINAL_SUM_TOL:
         warnings.warn(f"{name} sums to {total:.6g}, not 1; normalising it", UserWarning, stacklevel=3)
     return (t / total).to(dtype)
+
+
+def _budget(memory_budget: int | str | None) -> int:
+    if memory_budget is not None:
+        return parse_bytes(memory_budget)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
 def _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every) -> float:
@@ -255,6 +263,7 @@ def sinkhorn_knopp(
     criterion: str = "marginal",
     init: Any = None,
     progress: bool = False,
+    memory_budget: int | str | None = None,
     process_group: Any = None,
     gather_labels: bool = False,
 ) -> SinkhornResult:
@@ -278,8 +287,9 @@ def sinkhorn_knopp(
         algorithm: "scaling" (fast: one multiply-add per entry), "log" (log-domain, stable
             for any lamb), or "auto": scaling when the dtype's range allows it, switching to
             the log form if the scaling form under- or overflows. Never returns NaN/inf.
-        backend: "auto" ("cpu" for CPU tensors, else "torch"), "cpu" (fused C++),
-            or "torch" (plain torch ops, any device).
+        backend: "auto" ("cpu" for CPU tensors, "triton" for CUDA), "cpu" (fused C++),
+            "triton" (fused Triton kernels), "chunked" (streamed from a file or array within
+            ``memory_budget``), or "torch" (plain torch ops, any device).
         tol: stopping threshold. For criterion="marginal" the L1 violation of the column
             marginal of a row-exact plan (total mass 1), default 1e-5; for "sela" the
             summed relative change of the row scaling, default 0.1. 0 runs exactly
@@ -290,6 +300,10 @@ def sinkhorn_knopp(
         criterion: "marginal", or "sela" for SeLa's rule (checked at iterations 1 + m*check_every).
         init: warm start: a previous ``SinkhornResult`` or its ``log_v`` ((K,) or (H, K)).
         progress: show a tqdm progress bar.
+        memory_budget: bytes (or "512MB", "2GiB") for backend="chunked", which streams the
+            scores in row blocks (one pass per iteration) and never holds the N x K matrix:
+            for .npy files or memmaps larger than memory. With backend="auto", giving a
+            budget selects "chunked". Default for "chunked": a quarter of physical memory.
         process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): each
             rank passes its own rows (any number, unequal shards allowed); the column side is
             global. One all_reduce of the (H, K) column sums per iteration (two in the log
@@ -314,24 +328,37 @@ def sinkhorn_knopp(
     error: Exception | None = None
     try:  # every local check; with a process group, errors are agreed on below so no rank hangs
         tol = _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every)
-        raw = _as_tensor(scores)
-        if not raw.dtype.is_floating_point:
-            raise TypeError(f"scores must be floating point, got {raw.dtype}; cast with .float()")
-        if raw.dim() not in (2, 3):
-            raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(raw.shape)}")
-        stacked = raw.dim() == 3
-        raw3 = raw if stacked else raw.unsqueeze(0)
-        H, N, K = raw3.shape
+        chunked = backend == "chunked" or (backend == "auto" and memory_budget is not None)
+        if memory_budget is not None and not chunked:
+            raise ValueError(f"memory_budget applies to backend='chunked' (or 'auto'), not backend={backend!r}")
+        if chunked:
+            src = make_source(scores)
+            raw3 = None  # never loaded whole
+            shape, stacked, device = src.shape, src.ndim == 3, torch.device("cpu")
+            cdtype = _compute_dtype(dtype, torch.empty(0, dtype=src.dtype))
+        else:
+            raw = _as_tensor(scores)
+            if not raw.dtype.is_floating_point:
+                raise TypeError(f"scores must be floating point, got {raw.dtype}; cast with .float()")
+            if raw.dim() not in (2, 3):
+                raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(raw.shape)}")
+            stacked = raw.dim() == 3
+            raw3 = raw if stacked else raw.unsqueeze(0)
+            shape, device = raw3.shape, raw3.device
+            cdtype = _compute_dtype(dtype, raw3)
+        H, N, K = shape
         if H == 0 or N == 0 or K == 0:
-            raise ValueError(f"scores must not be empty, got shape {tuple(raw.shape)}")
-        cdtype = _compute_dtype(dtype, raw3)
-        device = raw3.device
-        be = get_backend(backend, device)
+            raise ValueError(f"scores must not be empty, got shape {tuple(shape)}")
+        if chunked:
+            be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget)))
+            S = ChunkedScores(src, cdtype)
+        else:
+            be = get_backend(backend, device)
+            S = raw3.to(cdtype).contiguous()
         log_v0 = _init_log_v(init, H, K, cdtype, device)
         a_raw = _check_marginal(row_marginal, N, "row_marginal", "N", device)
         b_raw = _check_marginal(col_marginal, K, "col_marginal", "K", device)
         probs = kind == "probs"
-        S = raw3.to(cdtype).contiguous()
         algo = "scaling" if algorithm in ("auto", "scaling") else "log"
         prep = be.prepare(S, lamb, probs, exponentiate=algo == "scaling")
         _validate_prepared(prep, probs)

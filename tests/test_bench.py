@@ -18,7 +18,8 @@ def test_bench_report(tmp_path):
         if "skipped" in r:
             assert r["skipped"]
         else:
-            assert r["ms_per_iter"] >= 0 and r["curve"] and all(c["error"] >= 0 for c in r["curve"])
+            assert (r["ms_per_iter"] is None or r["ms_per_iter"] > 0) and r["curve"]
+            assert all(c["error"] >= 0 for c in r["curve"])
     measured = {r["solver"] for r in rows if "skipped" not in r}
     assert {"selflabel cpu scaling", "SeLa numpy loop", "POT ot.sinkhorn", "SwAV/DINOv2 in-place loop"} <= measured
     ours = next(r for r in rows if r["solver"] == "selflabel cpu scaling" and r["dtype"] == "float64")

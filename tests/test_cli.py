@@ -77,3 +77,11 @@ def test_module_entry_point(probs_file, tmp_path):
                            str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "labelled 500 samples" in proc.stdout and out.exists()
+
+
+def test_label_with_memory_budget_streams_the_file(probs_file, tmp_path, capsys):
+    path, p = probs_file
+    out = tmp_path / "labels.npy"
+    assert main(["label", str(path), "--kind", "probs", "--memory-budget", "80MB", "--out", str(out), "--quiet"]) == 0
+    assert "(chunked/" in capsys.readouterr().out
+    assert np.array_equal(np.load(out), sl.sinkhorn_knopp(p, kind="probs").labels.numpy())

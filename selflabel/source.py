@@ -1,0 +1,173 @@
+"""Row-block sources for the chunked backend: the score matrix is read in blocks of
+rows, one streamed pass per iteration, never held whole in memory.
+
+- ``NpyFileSource``: a ``.npy`` file (or a numpy memmap of one), read with
+  ``os.preadv`` into two reusable buffers; a reader thread fills the next block
+  while the current one is processed (double buffering).
+- ``TensorSource``: an in-memory tensor or array (blocks are views, no copies).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+_STORAGE = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32,
+            np.dtype("float64"): torch.float64}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(budget: int | float | str) -> int:
+    """Bytes from an int or a string such as "512MB", "1.5GiB"."""
+    if isinstance(budget, bool):
+        raise ValueError(f"memory_budget must be bytes or a string like '512MB', got {budget!r}")
+    if isinstance(budget, (int, float)):
+        value = int(budget)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"memory_budget must be bytes or a string like '512MB' or '2GiB', got {budget!r}")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"memory_budget must be positive, got {budget!r}")
+    return value
+
+
+class TensorSource:
+    def __init__(self, t: torch.Tensor) -> None:
+        self.ndim = t.dim()
+        self.t = t if t.dim() == 3 else t.unsqueeze(0)
+        self.shape = tuple(self.t.shape)
+        self.dtype = self.t.dtype
+        self.itemsize = self.t.element_size()
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        n = self.shape[1]
+        for lo in range(0, n, rows):
+            yield lo, min(n, lo + rows), self.t[:, lo:lo + rows]
+
+
+class NpyFileSource:
+    """Rows of an (N, K) or (H, N, K) C-ordered float16/32/64 ``.npy`` file."""
+
+    def __init__(self, path: str, offset: int | None = None, shape: tuple | None = None,
+                 dtype: np.dtype | None = None) -> None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"scores: no such file {path!r}")
+        if offset is None:
+            with open(path, "rb") as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(fh)
+                except ValueError as exc:
+                    raise ValueError(f"scores: {path!r} is not a valid .npy file ({exc})") from None
+                offset = fh.tell()
+            if fortran:
+                raise ValueError(f"scores: {path!r} is Fortran-ordered; save it C-ordered (np.ascontiguousarray)")
+        dtype = np.dtype(dtype)
+        if dtype not in _STORAGE:
+            raise TypeError(f"scores: {path!r} holds {dtype}; the chunked backend reads float16, float32 or "
+                            "float64 .npy files")
+        if len(shape) not in (2, 3):
+            raise ValueError(f"scores: {path!r} has shape {shape}; expected (N, K) or (H, N, K)")
+        self.path, self.offset, self.np_dtype = path, offset, dtype
+        self.ndim = len(shape)
+        self.shape = tuple(shape) if len(shape) == 3 else (1, *shape)
+        self.dtype = _STORAGE[dtype]
+        self.itemsize = dtype.itemsize
+        need = offset + int(np.prod(self.shape)) * self.itemsize
+        if os.path.getsize(path) < need:
+            raise ValueError(f"scores: {path!r} is truncated ({os.path.getsize(path)} bytes, header says {need})")
+
+    @classmethod
+    def from_memmap(cls, mm: np.memmap) -> NpyFileSource:
+        if not mm.flags.c_contiguous or mm.filename is None:
+            raise ValueError("scores: the chunked backend reads C-contiguous memmaps of a whole file region")
+        return cls(mm.filename, mm.offset, mm.shape, mm.dtype)
+
+    def drop_pages(self) -> bool:
+        """Whether to evict each block from the page cache once read: for files over half of
+        physical memory (caching them only evicts everything else), or when
+        SELFLABEL_DROP_PAGE_CACHE=1 (benchmarks use it to measure cold reads)."""
+        if os.environ.get("SELFLABEL_DROP_PAGE_CACHE") == "1":
+            return True
+        try:
+            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return False
+        return os.path.getsize(self.path) > physical // 2
+
+    def _read(self, fd: int, lo: int, hi: int, buf: np.ndarray) -> np.ndarray:
+        h_count, n, k = self.shape
+        out = buf[:, : hi - lo]
+        for h in range(h_count):
+            start = self.offset + (h * n + lo) * k * self.itemsize
+            view = memoryview(out[h]).cast("B")
+            got = 0
+            while got < view.nbytes:  # preadv may return short reads
+                r = os.preadv(fd, [view[got:]], start + got)
+                if r <= 0:
+                    raise OSError(f"unexpected end of {self.path!r}")
+                got += r
+            if self._drop:
+                os.posix_fadvise(fd, start, view.nbytes, os.POSIX_FADV_DONTNEED)
+        return out
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        h_count, n, k = self.shape
+        bufs = [np.empty((h_count, rows, k), dtype=self.np_dtype) for _ in range(2)]
+        self._drop = self.drop_pages()
+        fd = os.open(self.path, os.O_RDONLY)
+        if self._drop:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        reader = threading.Thread(target=lambda: None)
+        reader.start()
+        try:
+            spans = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
+            result: dict = {}
+
+            def fetch(i: int) -> None:
+                try:
+                    result[i] = self._read(fd, *spans[i], bufs[i % 2])
+                except BaseException as exc:  # re-raised in the consumer
+                    result[i] = exc
+
+            reader = threading.Thread(target=fetch, args=(0,))
+            reader.start()
+            for i, (lo, hi) in enumerate(spans):
+                reader.join()
+                block = result.pop(i)
+                if isinstance(block, BaseException):
+                    raise block
+                if i + 1 < len(spans):  # read the next block while this one is processed
+                    reader = threading.Thread(target=fetch, args=(i + 1,))
+                    reader.start()
+                yield lo, hi, torch.from_numpy(block)
+        finally:
+            reader.join()  # also when the consumer stops early: never close the fd under a read
+            os.close(fd)
+
+
+def make_source(scores) -> TensorSource | NpyFileSource:
+    if isinstance(scores, (str, os.PathLike)):
+        return NpyFileSource(os.fspath(scores))
+    if isinstance(scores, np.memmap):
+        return NpyFileSource.from_memmap(scores)
+    if isinstance(scores, np.ndarray):
+        if scores.dtype.kind != "f":
+            raise TypeError(f"scores must hold floating-point values, got numpy dtype {scores.dtype}")
+        return TensorSource(torch.from_numpy(scores))
+    if isinstance(scores, torch.Tensor):
+        if scores.dim() not in (2, 3):
+            raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(scores.shape)}")
+        return TensorSource(scores)
+    raise TypeError(f"backend='chunked' reads a .npy path, numpy memmap/array or torch tensor, "
+                    f"got {type(scores).__name__}")

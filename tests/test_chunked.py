@@ -1,0 +1,165 @@
+"""Chunked (out-of-core) backend and the ScoreStore."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import selflabel as sl
+from selflabel.backends.chunked import budget_for_rows
+from selflabel.source import NpyFileSource, parse_bytes
+from selflabel.synthetic import make_scores
+
+
+@pytest.fixture(scope="module")
+def scores64():
+    return make_scores(1003, 17, kind="probs", temperature=4.0, dead=1, dead_margin=0.5, dtype=torch.float64,
+                       seed=1)
+
+
+@pytest.fixture(scope="module")
+def npy(tmp_path_factory, scores64):
+    path = tmp_path_factory.mktemp("chunked") / "scores.npy"
+    np.save(path, scores64.numpy())
+    return str(path)
+
+
+@pytest.mark.parametrize("rows", [61, 250, 1003])  # 1003 = 16 x 61 + 27: a ragged last block
+@pytest.mark.parametrize("algorithm", ["scaling", "log"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_equals_in_memory(npy, scores64, rows, algorithm, dtype):
+    budget = budget_for_rows(NpyFileSource(npy), dtype, rows)
+    ref = sl.sinkhorn_knopp(scores64, kind="probs", algorithm=algorithm, dtype=dtype, tol=1e-6, max_iter=5000)
+    got = sl.sinkhorn_knopp(npy, kind="probs", backend="chunked", memory_budget=budget, algorithm=algorithm,
+                            dtype=dtype, tol=1e-6, max_iter=5000)
+    assert got.backend == "chunked" and got.converged
+    if dtype == torch.float64:
+        assert got.n_iter == ref.n_iter and torch.equal(got.labels, ref.labels)
+        assert torch.allclose(got.log_v, ref.log_v, atol=1e-12) and torch.allclose(got.log_u, ref.log_u, atol=1e-12)
+    else:  # float32 sums in another order: the same solution, possibly one check later or earlier
+        assert abs(got.n_iter - ref.n_iter) <= 10 and (got.labels == ref.labels).float().mean() >= 0.999
+        assert got.error <= 1e-6
+
+
+@pytest.mark.parametrize("algorithm", ["scaling", "log"])
+def test_one_row_blocks(npy, scores64, algorithm):
+    budget = budget_for_rows(NpyFileSource(npy), torch.float64, 1)
+    ref = sl.sinkhorn_knopp(scores64, kind="probs", algorithm=algorithm, tol=0, max_iter=4)
+    got = sl.sinkhorn_knopp(npy, kind="probs", backend="chunked", memory_budget=budget, algorithm=algorithm,
+                            tol=0, max_iter=4)
+    assert torch.allclose(got.log_v, ref.log_v, atol=1e-12) and torch.allclose(got.log_u, ref.log_u, atol=1e-12)
+    assert torch.equal(got.labels, ref.labels)
+
+
+def test_sources_memmap_tensor_heads_and_half(tmp_path, scores64):
+    ref = sl.sinkhorn_knopp(scores64, kind="probs", tol=1e-8)
+    mm = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype=np.float64, shape=tuple(scores64.shape))
+    mm[:] = scores64.numpy()
+    mm.flush()
+    for src in (np.load(tmp_path / "m.npy", mmap_mode="r"), scores64, scores64.numpy()):
+        got = sl.sinkhorn_knopp(src, kind="probs", memory_budget="80MB", tol=1e-8)
+        assert got.backend == "chunked" and torch.equal(got.labels, ref.labels)
+    heads = make_scores(400, 9, heads=3, dtype=torch.float64, seed=3)
+    np.save(tmp_path / "h.npy", heads.numpy())
+    got = sl.sinkhorn_knopp(str(tmp_path / "h.npy"), backend="chunked", memory_budget="70MB", tol=1e-9)
+    assert got.labels.shape == (3, 400)
+    assert torch.equal(got.labels, sl.sinkhorn_knopp(heads, tol=1e-9).labels)
+    half = scores64.to(torch.float16).numpy()
+    np.save(tmp_path / "f16.npy", half)
+    got = sl.sinkhorn_knopp(str(tmp_path / "f16.npy"), kind="logits", backend="chunked", memory_budget="80MB")
+    assert torch.equal(got.labels, sl.sinkhorn_knopp(torch.from_numpy(half).float(), kind="logits").labels)
+
+
+def test_bad_inputs(tmp_path, npy):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sl.sinkhorn_knopp(tmp_path / "missing.npy", backend="chunked")
+    np.save(tmp_path / "int.npy", np.ones((10, 3), dtype=np.int32))
+    with pytest.raises(TypeError, match="int32"):
+        sl.sinkhorn_knopp(tmp_path / "int.npy", backend="chunked")
+    np.save(tmp_path / "vec.npy", np.ones(10))
+    with pytest.raises(ValueError, match=r"expected \(N, K\)"):
+        sl.sinkhorn_knopp(tmp_path / "vec.npy", backend="chunked")
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((10, 3))))
+    with pytest.raises(ValueError, match="Fortran"):
+        sl.sinkhorn_knopp(tmp_path / "f.npy", backend="chunked")
+    with open(npy, "rb") as fh:
+        (tmp_path / "cut.npy").write_bytes(fh.read()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        sl.sinkhorn_knopp(tmp_path / "cut.npy", backend="chunked")
+    (tmp_path / "junk.npy").write_bytes(b"not a numpy file at all")
+    with pytest.raises(ValueError, match="not a valid .npy"):
+        sl.sinkhorn_knopp(tmp_path / "junk.npy", backend="chunked")
+    with pytest.raises(ValueError, match="too small for one row"):
+        sl.sinkhorn_knopp(npy, kind="probs", backend="chunked", memory_budget="1MB")
+    with pytest.raises(ValueError, match="applies to backend='chunked'"):
+        sl.sinkhorn_knopp(npy, kind="probs", backend="cpu", memory_budget="1GB")
+    bad = np.load(npy)
+    bad[500, 3] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(ValueError, match="row 500"):
+        sl.sinkhorn_knopp(tmp_path / "nan.npy", kind="probs", backend="chunked", memory_budget="80MB")
+
+
+@pytest.mark.parametrize("text,value", [("512MB", 512 * 10**6), ("2GiB", 2 * 2**30), (1000, 1000), ("1.5kb", 1500)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "-5MB", 0, "12 parsecs", True])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="memory_budget"):
+        parse_bytes(text)
+
+
+def test_score_store_roundtrip_and_heads(tmp_path):
+    data = np.random.default_rng(0).random((3, 50, 7)).astype(np.float32)
+    with sl.ScoreStore(tmp_path / "s.npy", n=50, k=7, heads=3) as store:
+        for lo in range(0, 50, 16):
+            store.append(torch.from_numpy(data[:, lo:lo + 16]))
+    assert np.array_equal(np.load(tmp_path / "s.npy"), data)
+    with sl.ScoreStore(tmp_path / "one.npy", n=50, k=7, dtype=np.float16) as store:
+        store.append(data[0])
+    assert np.array_equal(np.load(tmp_path / "one.npy"), data[0].astype(np.float16))
+    assert sorted(os.listdir(tmp_path)) == ["one.npy", "s.npy"]
+
+
+def test_score_store_interrupted_write_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError), sl.ScoreStore(tmp_path / "s.npy", n=100, k=4) as store:
+        store.append(np.ones((40, 4)))
+        raise RuntimeError("dataloader crashed")
+    assert os.listdir(tmp_path) == []
+    store = sl.ScoreStore(tmp_path / "s.npy", n=100, k=4)
+    store.append(np.ones((40, 4)))
+    with pytest.raises(ValueError, match="40 of 100 rows"):
+        store.close()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="block must have shape"):
+        sl.ScoreStore(tmp_path / "x.npy", n=10, k=4).append(np.ones((5, 3)))
+
+
+def test_peak_memory_stays_within_budget(tmp_path):
+    """A file 4x larger than the budget, solved in its own process: peak RSS growth <= budget + slack."""
+    n, k, budget = 200_000, 500, 100 * 2**20  # 400 MB of float32 scores
+    path = tmp_path / "big.npy"
+    with sl.ScoreStore(path, n=n, k=k) as store:
+        for lo in range(0, n, 50_000):
+            store.append(make_scores(50_000, k, seed=lo))
+    code = textwrap.dedent(f"""
+        import resource, torch, selflabel as sl
+        torch.set_num_threads(2)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        res = sl.sinkhorn_knopp({str(path)!r}, backend="chunked", memory_budget={budget}, tol=0, max_iter=3)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(base, peak, res.n_iter, int(res.labels.shape[0]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    base, peak, n_iter, n_labels = (int(x) for x in proc.stdout.split())
+    assert n_iter == 3 and n_labels == n
+    assert os.path.getsize(path) > 3 * budget
+    grew = (peak - base) / 2**20
+    assert peak - base <= budget + 64 * 2**20, f"grew {grew:.0f} MiB for a {budget / 2**20:.0f} MiB budget"
