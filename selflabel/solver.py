@@ -274,7 +274,8 @@ def sinkhorn_knopp(
 
     Args:
         scores: (N, K) scores, or (H, N, K) / a list of (N, K) for H heads solved together.
-            A torch tensor (CPU or CUDA), numpy array, numpy memmap or ``.npy`` path.
+            A torch tensor (CPU or CUDA), numpy array, numpy memmap or ``.npy`` path; with
+            backend="chunked" also a function returning row blocks.
             Never modified.
         lamb: sharpness (SeLa's lambda); the plan is ``exp(lamb * S)`` scaled.
         kind: "logits" or "log_probs" (the same to the solver: per-row shifts do not
@@ -302,7 +303,8 @@ def sinkhorn_knopp(
         progress: show a tqdm progress bar.
         memory_budget: bytes (or "512MB", "2GiB") for backend="chunked", which streams the
             scores in row blocks (one pass per iteration) and never holds the N x K matrix:
-            for .npy files or memmaps larger than memory. With backend="auto", giving a
+            for .npy files or memmaps larger than memory, or a function returning a fresh
+            iterable of row blocks (called once per pass). With backend="auto", giving a
             budget selects "chunked". Default for "chunked": a quarter of physical memory.
         process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): each
             rank passes its own rows (any number, unequal shards allowed); the column side is
@@ -350,7 +352,7 @@ def sinkhorn_knopp(
         if H == 0 or N == 0 or K == 0:
             raise ValueError(f"scores must not be empty, got shape {tuple(shape)}")
         if chunked:
-            be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget)))
+            be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget)), progress=progress)
             S = ChunkedScores(src, cdtype)
         else:
             be = get_backend(backend, device)
@@ -391,7 +393,7 @@ def sinkhorn_knopp(
             if log_u is None:
                 if algorithm == "scaling":
                     raise FloatingPointError(
-                        f"the scaling form under/overflowed in {cdtype} at iteration {loop.k} (lamb={lamb} is "
+                        f"the scaling form under/overflowed in {cdtype} after iteration {loop.k} (lamb={lamb} is "
                         "too sharp for this dtype); use algorithm='log' or 'auto', or dtype=torch.float64")
                 switched_at, algo, log_v0 = loop.k, "log", log_v  # loop.k: the last good check
                 del prep

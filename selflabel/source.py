@@ -5,6 +5,7 @@ rows, one streamed pass per iteration, never held whole in memory.
   ``os.preadv`` into two reusable buffers; a reader thread fills the next block
   while the current one is processed (double buffering).
 - ``TensorSource``: an in-memory tensor or array (blocks are views, no copies).
+- ``CallableSource``: a user function returning the row blocks, one call per pass.
 """
 
 from __future__ import annotations
@@ -156,7 +157,51 @@ class NpyFileSource:
             os.close(fd)
 
 
-def make_source(scores) -> TensorSource | NpyFileSource:
+class CallableSource:
+    """Row blocks from a user function: ``scores()`` returns a fresh iterable of (rows, K) or
+    (H, rows, K) blocks, in row order, each call (one call per pass). Shape and dtype are
+    taken from a first pass. The blocks are the user's buffers; the budget covers ours."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        n, first = 0, None
+        for block in fn():
+            b = _as_block(block)
+            if first is None:
+                first, self.ndim = b, torch.as_tensor(block).dim()
+            elif b.shape[0] != first.shape[0] or b.shape[2] != first.shape[2]:
+                raise ValueError(f"scores(): blocks must share H and K; got {tuple(first.shape)} then {tuple(b.shape)}")
+            n += b.shape[1]
+        if first is None:
+            raise ValueError("scores(): the chunk source yielded no blocks")
+        if not first.dtype.is_floating_point:
+            raise TypeError(f"scores(): blocks must be floating point, got {first.dtype}")
+        self.shape = (first.shape[0], n, first.shape[2])
+        self.dtype = first.dtype
+        self.itemsize = first.element_size()
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        lo = 0
+        for block in self.fn():
+            b = _as_block(block)
+            if lo + b.shape[1] > self.shape[1] or b.shape[2] != self.shape[2]:
+                raise ValueError("scores(): the chunk source yielded different blocks on a later pass")
+            yield lo, lo + b.shape[1], b
+            lo += b.shape[1]
+        if lo != self.shape[1]:
+            raise ValueError(f"scores(): a later pass yielded {lo} rows, the first {self.shape[1]}")
+
+
+def _as_block(block) -> torch.Tensor:
+    t = torch.as_tensor(block)
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() != 3:
+        raise ValueError(f"scores(): blocks must be (rows, K) or (H, rows, K), got shape {tuple(t.shape)}")
+    return t
+
+
+def make_source(scores) -> TensorSource | NpyFileSource | CallableSource:
     if isinstance(scores, (str, os.PathLike)):
         return NpyFileSource(os.fspath(scores))
     if isinstance(scores, np.memmap):
@@ -169,5 +214,7 @@ def make_source(scores) -> TensorSource | NpyFileSource:
         if scores.dim() not in (2, 3):
             raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(scores.shape)}")
         return TensorSource(scores)
-    raise TypeError(f"backend='chunked' reads a .npy path, numpy memmap/array or torch tensor, "
-                    f"got {type(scores).__name__}")
+    if callable(scores):
+        return CallableSource(scores)
+    raise TypeError(f"backend='chunked' reads a .npy path, numpy memmap/array, torch tensor or a function "
+                    f"returning row blocks, got {type(scores).__name__}")

@@ -163,3 +163,24 @@ def test_peak_memory_stays_within_budget(tmp_path):
     assert os.path.getsize(path) > 3 * budget
     grew = (peak - base) / 2**20
     assert peak - base <= budget + 64 * 2**20, f"grew {grew:.0f} MiB for a {budget / 2**20:.0f} MiB budget"
+
+
+def test_callable_chunk_source(scores64):
+    blocks = [scores64[lo:lo + 100] for lo in range(0, 1003, 100)]
+    calls = []
+
+    def source():
+        calls.append(1)
+        return iter(blocks)
+
+    ref = sl.sinkhorn_knopp(scores64, kind="probs", tol=1e-9)
+    got = sl.sinkhorn_knopp(source, kind="probs", backend="chunked", memory_budget="80MB", tol=1e-9)
+    assert torch.equal(got.labels, ref.labels) and got.n_iter == ref.n_iter
+    assert len(calls) == got.n_iter + 3  # shape discovery, validation, one per iteration, labels
+    with pytest.raises(ValueError, match="no blocks"):
+        sl.sinkhorn_knopp(lambda: iter([]), backend="chunked")
+    with pytest.raises(ValueError, match="share H and K"):
+        sl.sinkhorn_knopp(lambda: iter([torch.randn(5, 3), torch.randn(5, 4)]), backend="chunked")
+    shrinking = iter([[torch.randn(5, 3)] * 2] + [[torch.randn(5, 3)]] * 100)
+    with pytest.raises(ValueError, match="later pass"):
+        sl.sinkhorn_knopp(lambda: iter(next(shrinking)), backend="chunked", tol=0, max_iter=2)

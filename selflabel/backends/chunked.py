@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from ..source import NpyFileSource, TensorSource
+from ..source import CallableSource, NpyFileSource, TensorSource
 from . import Prepared
 from .cpu import CpuBackend
 
@@ -25,7 +26,7 @@ FIXED_OVERHEAD = 64 * 2**20  # allocator slack and small buffers, kept out of th
 class ChunkedScores:
     """What the front hands this backend instead of a tensor."""
 
-    inner: TensorSource | NpyFileSource
+    inner: TensorSource | NpyFileSource | CallableSource
     compute_dtype: torch.dtype
 
     @property
@@ -37,12 +38,13 @@ class ChunkedScores:
 class Streamed:
     """The kernel matrix of a source, recomputed block by block."""
 
-    source: TensorSource | NpyFileSource
+    source: TensorSource | NpyFileSource | CallableSource
     rows: int
     lamb: float
     probs: bool
     exponentiate: bool
     dtype: torch.dtype
+    progress: bool = False
 
     device = torch.device("cpu")
 
@@ -52,8 +54,11 @@ class Streamed:
 
     def blocks(self, inner: CpuBackend, exponentiate: bool | None = None):
         expo = self.exponentiate if exponentiate is None else exponentiate
-        for lo, hi, block in self.source.blocks(self.rows):
-            yield lo, hi, inner.prepare(block.to(self.dtype).contiguous(), self.lamb, self.probs, expo)
+        n = self.shape[1]
+        with tqdm(total=n, disable=not self.progress, desc="pass", unit="row", unit_scale=True, leave=False) as bar:
+            for lo, hi, block in self.source.blocks(self.rows):
+                yield lo, hi, inner.prepare(block.to(self.dtype).contiguous(), self.lamb, self.probs, expo)
+                bar.update(hi - lo)
 
 
 def _costs(source, dtype: torch.dtype) -> tuple[int, int]:
@@ -91,14 +96,14 @@ def budget_for_rows(source, dtype: torch.dtype, rows: int) -> int:
 class ChunkedBackend:
     name = "chunked"
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, progress: bool = False) -> None:
         self.inner = CpuBackend()
-        self.rows = rows
+        self.rows, self.progress = rows, progress
 
     def prepare(self, source: ChunkedScores, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
         h, n, k = source.shape
         dtype = source.compute_dtype
-        mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype)
+        mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype, self.progress)
         rowmax = torch.empty(h, n, dtype=dtype)
         rowsum = torch.empty(h, n, dtype=torch.float64)
         rowmin = torch.empty(h, n, dtype=torch.float64)

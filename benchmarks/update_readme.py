@@ -1,0 +1,65 @@
+"""Regenerate README.md's Performance block (between the bench markers) from the
+committed reports in benchmarks/results/: the newest cpu-*.json (bench_cpu.py),
+ooc-*.json (bench_ooc.py), gpu-*.json (bench_gpu.py) and bench-cpu-report.md
+(``selflabel bench``)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, "..", "README.md")
+
+
+def newest(pattern: str) -> str | None:
+    files = sorted(glob.glob(os.path.join(HERE, "results", pattern)))
+    return files[-1] if files else None
+
+
+def block() -> str:
+    out = []
+    cpu = newest("cpu-*.json")
+    if cpu:
+        d = json.load(open(cpu))
+        m = d["machine"]
+        out += [f"One iteration at N = {d['n']:,}, K = {d['k']:,} on {m['cpu']}, {m['threads']} threads, "
+                f"torch {m['torch']} (`make bench`, {os.path.basename(cpu)}):", "",
+                "| solver | dtype | ms / iteration |", "|---|---|---|"]
+        out += [f"| {r['solver']} | {r['dtype']} | {r['ms_per_iter']:.1f} |" for r in d["results"]]
+        out += ["", "Ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in d["ratios"].items()) + ".", ""]
+    ooc = newest("ooc-*.json")
+    if ooc:
+        d = json.load(open(ooc))
+        parts = []
+        for cache in ("warm", "cold"):
+            if isinstance(d.get(cache), dict):
+                c = d[cache]
+                parts.append(f"{cache} page cache {c['s_per_iter']:.2f} s per iteration = "
+                             f"{c['ratio_to_read']:.2f}x one sequential read ({c['sequential_read_s']:.2f} s)")
+        growth = (d["peak_rss_bytes"] - d["rss_before_solving_bytes"]) / 2**20
+        out += [f"Out of core (`benchmarks/bench_ooc.py`, {os.path.basename(ooc)}): N = {d['n']:,}, K = {d['k']:,} "
+                f"float32 on disk ({d['file_bytes'] / 1e9:.1f} GB), budget {d['budget_bytes'] / 1e9:.1f} GB: "
+                + "; ".join(parts) + f"; peak RSS grew {growth:.0f} MiB while solving.", ""]
+    gpu = newest("gpu-*.json")
+    out += [f"GPU: see {os.path.basename(gpu)}." if gpu else
+            "GPU figures (`benchmarks/bench_gpu.py`) are not measured yet: no GPU session has run them.", ""]
+    suite = os.path.join(HERE, "results", "bench-cpu-report.md")
+    if os.path.exists(suite):
+        out += ["All solvers side by side (`selflabel bench --sizes 20000x500 100000x1000`; plots in "
+                "benchmarks/results/bench-cpu-report_*.png):", "", open(suite).read().strip()]
+    return "\n".join(out)
+
+
+def main() -> None:
+    text = open(README).read()
+    new = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->",
+                 lambda _: f"<!-- bench:start -->\n{block()}\n<!-- bench:end -->", text, flags=re.S)
+    with open(README, "w") as fh:
+        fh.write(new)
+
+
+if __name__ == "__main__":
+    main()
