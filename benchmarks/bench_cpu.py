@@ -15,15 +15,14 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 import selflabel as sl
 from selflabel import peers
+from selflabel.bench import machine, read_floor
 from selflabel.io import atomic_write
 from selflabel.synthetic import make_scores
 
@@ -40,36 +39,6 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
 
 def per_iteration(run: Callable[[int], object], short: int, long: int, repeat: int) -> float:
     return (timed(lambda: run(long), repeat) - timed(lambda: run(short), repeat)) / (long - short)
-
-
-def read_once(x: torch.Tensor, repeat: int) -> float:
-    """Time to stream the matrix from memory once: the fastest of a few read-only
-    reductions (a float32 sum is compute-bound on some CPUs; the same bytes summed
-    as float64, or a max, are not)."""
-    flat = x.reshape(-1)
-    candidates = [lambda: x.sum(), lambda: x.amax()]
-    if x.dtype == torch.float32 and flat.numel() % 2 == 0:
-        candidates.append(lambda: flat.view(torch.float64).sum())
-    return min(timed(fn, repeat) for fn in candidates)
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-                        for p in threadpool_info()]
-    except ImportError:
-        pass
-    info["env_OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
-    return info
 
 
 def main() -> None:
@@ -96,7 +65,7 @@ def main() -> None:
         name = str(dtype).split(".")[-1]
         x = probs.to(dtype)
         nbytes = x.numel() * x.element_size()
-        read = read_once(x, args.repeat + 1)
+        read = read_floor(x)
         record("read matrix once (floor)", name, read, nbytes, f"{nbytes / read / 1e9:.1f} GB/s")
         del x
 
@@ -144,7 +113,7 @@ def main() -> None:
 
     by = {(r["solver"], r["dtype"]): r["ms_per_iter"] for r in rows}
     fused = by[("selflabel fused scaling", "float32")]
-    ratios = {"read_floor_over_fused_f32": fused / by[("read matrix once (floor)", "float32")]}
+    ratios = {"fused_f32_over_read_floor": fused / by[("read matrix once (floor)", "float32")]}
     if ("torch two-matvec loop", "float32") in by:
         ratios["torch_loop_over_fused_f32"] = by[("torch two-matvec loop", "float32")] / fused
     if ("SeLa numpy loop", "float64") in by:
@@ -159,7 +128,7 @@ def main() -> None:
         print(f"  {key}: {val:.2f}")
     if not args.no_save:
         out = {"benchmark": "bench_cpu", "date": dt.datetime.now().isoformat(timespec="seconds"),
-               "n": n, "k": k, "lamb": lamb, "machine": machine(), "results": rows, "ratios": ratios}
+               "n": n, "k": k, "lamb": lamb, "machine": machine("cpu"), "results": rows, "ratios": ratios}
         os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
         path = os.path.join(os.path.dirname(__file__), "results", f"cpu-{dt.date.today():%Y%m%d}.json")
         with atomic_write(path, "w") as fh:

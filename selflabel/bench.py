@@ -114,7 +114,10 @@ def _timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t
 
 
-def _read_floor(x: torch.Tensor, device: str) -> float:
+def read_floor(x: torch.Tensor, device: str = "cpu") -> float:
+    """Seconds to stream ``x`` from memory once: the fastest of a few read-only reductions
+    (a float32 sum is compute-bound on some CPUs; the same bytes summed as float64, or a
+    max, are not)."""
     flat = x.reshape(-1)
     fns = [lambda: x.sum(), lambda: x.amax()]
     if x.dtype == torch.float32 and flat.numel() % 2 == 0:
@@ -149,9 +152,11 @@ def measure(solver: Solver, probs: torch.Tensor, lamb: float, tol: float, max_it
             "curve_truncated_by_time_budget": truncated}
 
 
-def machine(device: str) -> dict:
+def machine(device: str = "cpu") -> dict:
+    """What the figures were measured on: CPU, GPU, threads, library and BLAS versions."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "threads": torch.get_num_threads(), "device": device}
+            "numpy": np.__version__, "threads": torch.get_num_threads(), "device": device,
+            "env_OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -159,6 +164,13 @@ def machine(device: str) -> dict:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                        for p in threadpool_info()]
+    except ImportError:
+        pass
     return info
 
 
@@ -179,7 +191,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(report: dict, stem: str) -> list[str]:
+def _loglog(path: str, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str,
+            hline: float | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,40 +200,35 @@ def plots(report: dict, stem: str) -> list[str]:
     from cycler import cycler
 
     plt.rcParams["axes.prop_cycle"] = cycler(color=plt.get_cmap("tab20").colors)
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[tuple[int, float]]] = {}
+    for label, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
+    if hline is not None:
+        ax.axhline(hline, color="gray", linestyle=":", linewidth=1)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plots(report: dict, stem: str) -> list[str]:
+    """Time per iteration against N, and error against time at the largest size (PNG)."""
+    times: dict[str, list[tuple[float, float]]] = {}
     for size in report["sizes"]:
-        series.setdefault("read matrix once (floor)", []).append((size["n"], size["read_floor_ms"]))
+        times.setdefault("read matrix once (floor)", []).append((size["n"], size["read_floor_ms"]))
         for r in size["results"]:
             if "skipped" not in r and r["ms_per_iter"] is not None:
-                series.setdefault(f"{r['solver']} [{r['dtype']}]", []).append((size["n"], r["ms_per_iter"]))
-    for label, pts in series.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="N (samples)", ylabel="ms per iteration",
-           title=f"time per iteration ({report['machine'].get('gpu') or report['machine']['cpu']})")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    time_png = f"{stem}_time.png"
-    fig.savefig(time_png, dpi=120)
-    plt.close(fig)
-
-    size = report["sizes"][-1]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in size["results"]:
-        if "skipped" not in r and r["curve"]:
-            ax.plot([c["seconds"] for c in r["curve"]], [max(c["error"], 1e-16) for c in r["curve"]], marker=".",
-                    label=f"{r['solver']} [{r['dtype']}]")
-    ax.axhline(report["tol"], color="gray", linestyle=":", linewidth=1)
-    ax.set(xscale="log", yscale="log", xlabel="seconds", ylabel="L1 marginal error",
-           title=f"error vs time, N={size['n']}, K={size['k']}")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    err_png = f"{stem}_error.png"
-    fig.savefig(err_png, dpi=120)
-    plt.close(fig)
-    return [time_png, err_png]
+                times.setdefault(f"{r['solver']} [{r['dtype']}]", []).append((size["n"], r["ms_per_iter"]))
+    device = report["machine"].get("gpu") or report["machine"]["cpu"]
+    last = report["sizes"][-1]
+    errors = {f"{r['solver']} [{r['dtype']}]": [(c["seconds"], max(c["error"], 1e-16)) for c in r["curve"]]
+              for r in last["results"] if "skipped" not in r and r["curve"]}
+    return [_loglog(f"{stem}_time.png", {k: sorted(v) for k, v in times.items()}, "N (samples)",
+                    "ms per iteration", f"time per iteration ({device})"),
+            _loglog(f"{stem}_error.png", errors, "seconds", "L1 marginal error",
+                    f"error vs time, N={last['n']}, K={last['k']}", hline=report["tol"])]
 
 
 def run_bench(sizes: list[tuple[int, int]], device: str = "cpu", lamb: float = 25.0, tol: float = 1e-4,
@@ -231,7 +239,7 @@ def run_bench(sizes: list[tuple[int, int]], device: str = "cpu", lamb: float = 2
               "lamb": lamb, "tol": tol, "machine": machine(device), "sizes": []}
     for n, k in sizes:
         probs = make_scores(n, k, kind="probs", temperature=4.0, seed=0).to(device)
-        entry = {"n": n, "k": k, "read_floor_ms": _read_floor(probs, device) * 1e3, "results": []}
+        entry = {"n": n, "k": k, "read_floor_ms": read_floor(probs, device) * 1e3, "results": []}
         for s in solvers(device):
             row = {"solver": s.name, "dtype": str(s.dtype).split(".")[-1]}
             if s.skip is not None:
