@@ -93,7 +93,8 @@ def solvers(device: str) -> list[Solver]:
         del tag
     out.append(Solver("selflabel chunked (budget N*K*4/4)", torch.float32, _ours("chunked", "auto", torch.float32),
                       "CPU backend; bench runs on cuda" if cuda else None))
-    out.append(Solver("selflabel implicit", torch.float32, None, "not implemented yet (issue 5)"))
+    out.append(Solver("selflabel implicit", torch.float32, None,
+                      "solves from features x prototypes (sinkhorn_knopp_features), not from this score matrix"))
     out.append(Solver("SwAV/DINOv2 in-place loop", torch.float32, _swav))
     cpu_only = "numpy peer: CPU only" if cuda else None
     out.append(Solver("SeLa numpy loop", torch.float64, _numpy(peers.sela_numpy), cpu_only))

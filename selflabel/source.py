@@ -201,7 +201,11 @@ def _as_block(block) -> torch.Tensor:
     return t
 
 
-def make_source(scores) -> TensorSource | NpyFileSource | CallableSource:
+def make_source(scores):
+    """A row-block source for ``scores``; objects that already have ``blocks`` and
+    ``shape`` (e.g. ``selflabel.features.FeatureSource``) pass through."""
+    if hasattr(scores, "blocks") and hasattr(scores, "shape") and not isinstance(scores, torch.Tensor):
+        return scores
     if isinstance(scores, (str, os.PathLike)):
         return NpyFileSource(os.fspath(scores))
     if isinstance(scores, np.memmap):
