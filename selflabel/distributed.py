@@ -36,15 +36,23 @@ class Reducer:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if not self.active:
+            return t
+        dev = self._device()
+        if t.device == dev or dev.type == "cpu":
+            dist.all_reduce(t, op=op, group=self.group)
+        else:  # NCCL reduces CUDA tensors only (CPU or chunked solves keep their vectors on the host)
+            moved = t.to(dev)
+            dist.all_reduce(moved, op=op, group=self.group)
+            t.copy_(moved)
         return t
 
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(t, dist.ReduceOp.SUM if self.active else None)
+
     def max_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t
+        return self._all_reduce(t, dist.ReduceOp.MAX if self.active else None)
 
     def logsumexp_(self, logw: torch.Tensor) -> torch.Tensor:
         """log of the cross-rank sum of exp(logw), elementwise."""
@@ -55,18 +63,20 @@ class Reducer:
         s = self.sum_(torch.exp(logw - m_safe))
         return m_safe + torch.log(s)
 
-    def agree(self, error: Exception | None, heads: int, k: int, n: int) -> int:
+    def agree(self, error: Exception | None, heads: int, k: int, n: int, row_marginal_given: bool = False) -> int:
         """Check every rank's input at once; return the total number of rows.
 
-        One collective carries each rank's error flag, H, K and N. A rank with bad
-        input re-raises its own error; the others raise RankInputError. Ranks that
-        disagree on H or K all raise RankInputError.
+        One collective carries each rank's error flag, H, K and whether it passed a
+        row_marginal (then one sums N). A rank with bad input re-raises its own error; the
+        others raise RankInputError. Ranks that disagree on H, K or row_marginal all raise
+        RankInputError.
         """
         if not self.active:
             if error is not None:
                 raise error
             return n
-        info = torch.tensor([float(error is not None), heads, -heads, k, -k], dtype=torch.float64,
+        given = float(row_marginal_given)
+        info = torch.tensor([float(error is not None), heads, -heads, k, -k, given, -given], dtype=torch.float64,
                             device=self._device())
         self.max_(info)
         total = self.sum_(torch.tensor([float(n)], dtype=torch.float64, device=self._device()))
@@ -75,6 +85,8 @@ class Reducer:
         if info[0] > 0:
             raise RankInputError(f"rank {self.rank}: another rank's input is invalid (see its error); "
                                  "no rank solves")
+        if info[5] != -info[6]:
+            raise RankInputError("row_marginal must be given on every rank (its shard) or on none")
         if info[1] != -info[2] or info[3] != -info[4]:
             raise RankInputError(f"ranks disagree on the number of heads or clusters: H in "
                                  f"[{int(-info[2])}, {int(info[1])}], K in [{int(-info[4])}, {int(info[3])}]; "

@@ -47,6 +47,8 @@ class FeatureSource:
         self.bias = None if bias is None else bias.to(self.dtype)[:, None, :]
         self.shape = (h, self.x.shape[1], k)
         self.itemsize = torch.tensor([], dtype=self.dtype).element_size()
+        # per row: the feature reader's two D-wide buffers and the (H, K) block of scores
+        self.storage_row_bytes = 2 * self.x.shape[2] * self.x.itemsize + h * k * self.itemsize
 
     def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         for lo, hi, xb in self.x.blocks(rows):

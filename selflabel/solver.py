@@ -222,7 +222,7 @@ def _run_scaling(loop: _Loop, M, a, b, log_v0):
                 return None, good_log_v
             if loop.record(v * w, b, change):
                 break
-            good_log_v, good_k = torch.log(v), loop.k
+            good_log_v, good_k = torch.log(b / w), loop.k  # v_k: the log form resumes at k + 1
         v = b / w
     return torch.log(u), torch.log(v)
 
@@ -364,11 +364,11 @@ def sinkhorn_knopp(
         algo = "scaling" if algorithm in ("auto", "scaling") else "log"
         prep = be.prepare(S, lamb, probs, exponentiate=algo == "scaling")
         _validate_prepared(prep, probs)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except Exception as exc:  # with a process group every failure must reach every rank
         if not red.active:
             raise
         error = exc
-    n_total = red.agree(error, H, K, N)
+    n_total = red.agree(error, H, K, N, row_marginal_given=row_marginal is not None)
     if n_total < K:
         warnings.warn(f"N={n_total} samples < K={K} clusters: hard labels cannot be balanced", UserWarning,
                       stacklevel=2)

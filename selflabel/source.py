@@ -10,9 +10,11 @@ rows, one streamed pass per iteration, never held whole in memory.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import threading
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -127,11 +129,11 @@ class NpyFileSource:
         bufs = [np.empty((h_count, rows, k), dtype=self.np_dtype) for _ in range(2)]
         self._drop = self.drop_pages()
         fd = os.open(self.path, os.O_RDONLY)
-        if self._drop:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         reader = threading.Thread(target=lambda: None)
         reader.start()
         try:
+            if self._drop:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             spans = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
             result: dict = {}
 
@@ -184,7 +186,7 @@ class CallableSource:
         lo = 0
         for block in self.fn():
             b = _as_block(block)
-            if lo + b.shape[1] > self.shape[1] or b.shape[2] != self.shape[2]:
+            if lo + b.shape[1] > self.shape[1] or b.shape[0] != self.shape[0] or b.shape[2] != self.shape[2]:
                 raise ValueError("scores(): the chunk source yielded different blocks on a later pass")
             yield lo, lo + b.shape[1], b
             lo += b.shape[1]
@@ -209,7 +211,13 @@ def make_source(scores):
     if isinstance(scores, (str, os.PathLike)):
         return NpyFileSource(os.fspath(scores))
     if isinstance(scores, np.memmap):
-        return NpyFileSource.from_memmap(scores)
+        # Only a memmap of the whole mapped region knows its file offset: numpy copies the
+        # parent's offset onto slices, so those are read through the mapping instead.
+        if isinstance(scores.base, mmap.mmap) and scores.flags.c_contiguous and scores.mode in ("r", "r+"):
+            return NpyFileSource.from_memmap(scores)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only mapping: never written
+            return TensorSource(torch.from_numpy(np.asarray(scores)))
     if isinstance(scores, np.ndarray):
         if scores.dtype.kind != "f":
             raise TypeError(f"scores must hold floating-point values, got numpy dtype {scores.dtype}")

@@ -37,10 +37,18 @@ class ScoreStore:
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
         self._fh = os.fdopen(fd, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-        np.lib.format.write_array_header_2_0(self._fh, header)
-        self._fh.flush()
-        self._offset = self._fh.tell()
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result should be an ordinary file
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": self.shape}
+            np.lib.format.write_array_header_2_0(self._fh, header)
+            self._fh.flush()
+            self._offset = self._fh.tell()
+        except BaseException:
+            self.abort()
+            raise
 
     def append(self, block) -> None:
         """Write the next rows: (rows, K), or (heads, rows, K) for a multi-head store."""
@@ -55,7 +63,11 @@ class ScoreStore:
         arr = np.ascontiguousarray(arr, dtype=self.dtype)
         fd = self._fh.fileno()
         for h in range(arr.shape[0]):
-            os.pwrite(fd, arr[h].tobytes(), self._offset + (h * self.n + self.written) * self.k * self.dtype.itemsize)
+            view = memoryview(arr[h]).cast("B")
+            start = self._offset + (h * self.n + self.written) * self.k * self.dtype.itemsize
+            done = 0
+            while done < view.nbytes:  # pwrite may write less than asked (e.g. > 2 GiB on Linux)
+                done += os.pwrite(fd, view[done:], start + done)
         self.written += rows
 
     def close(self) -> None:
@@ -78,6 +90,10 @@ class ScoreStore:
 
     def __enter__(self) -> ScoreStore:
         return self
+
+    def __del__(self) -> None:  # a store dropped without close() leaves no temp file behind
+        if hasattr(self, "_fh"):
+            self.abort()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:

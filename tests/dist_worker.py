@@ -53,6 +53,8 @@ def run(rank: int, world: int, port: int, shards: list[int], queue) -> None:
             bad[0, 0] = float("nan")
         out["nan"] = _error(lambda: _solve(bad))
         out["mismatched_k"] = _error(lambda: _solve(full[lo:hi, : K - (rank == 1)]))
+        out["one_sided_marginal"] = _error(lambda: _solve(full[lo:hi], row_marginal=np.ones(hi - lo) / N
+                                                          if rank == 0 else None))
         out["after_errors"] = _solve(full[lo:hi], tol=1e-8)  # the group still works
         queue.put((rank, out))
     except Exception:  # report instead of hanging the parent

@@ -184,3 +184,26 @@ def test_callable_chunk_source(scores64):
     shrinking = iter([[torch.randn(5, 3)] * 2] + [[torch.randn(5, 3)]] * 100)
     with pytest.raises(ValueError, match="later pass"):
         sl.sinkhorn_knopp(lambda: iter(next(shrinking)), backend="chunked", tol=0, max_iter=2)
+
+
+def test_sliced_memmap_reads_the_slice(tmp_path):
+    heads = make_scores(400, 8, heads=2, dtype=torch.float64, seed=5)
+    np.save(tmp_path / "h.npy", heads.numpy())
+    mm = np.load(tmp_path / "h.npy", mmap_mode="r")
+    for part, ref in ((mm[1], heads[1]), (mm[0, 200:], heads[0, 200:])):
+        got = sl.sinkhorn_knopp(part, backend="chunked", memory_budget="70MB", tol=1e-9)
+        assert torch.equal(got.labels, sl.sinkhorn_knopp(ref, tol=1e-9).labels)
+
+
+def test_score_store_file_mode_follows_umask(tmp_path):
+    with sl.ScoreStore(tmp_path / "s.npy", n=2, k=2) as store:
+        store.append(np.ones((2, 2)))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "s.npy").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_callable_source_rejects_changing_heads():
+    passes = iter([[torch.randn(2, 5, 3)], [torch.randn(2, 5, 3)]] + [[torch.randn(5, 3)]] * 50)
+    with pytest.raises(ValueError, match="later pass"):
+        sl.sinkhorn_knopp(lambda: iter(next(passes)), backend="chunked", tol=0, max_iter=3)

@@ -81,6 +81,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank():
     assert "another rank's input is invalid" in results[0]["nan"]
     for out in results.values():
         assert "disagree on the number of heads or clusters" in out["mismatched_k"]
+        assert "row_marginal must be given on every rank" in out["one_sided_marginal"]
 
 
 def test_process_group_without_init_is_a_clear_error():

@@ -79,3 +79,15 @@ def test_features_peak_memory_bounded(tmp_path):
     base, peak, n = (int(v) for v in proc.stdout.split())
     assert n == 200_000
     assert peak - base <= 100 * 2**20 + 64 * 2**20, f"grew {(peak - base) / 2**20:.0f} MiB"
+
+
+def test_budget_counts_the_feature_rows(tmp_path):
+    from selflabel.backends.chunked import rows_per_block
+    from selflabel.features import FeatureSource
+
+    x = np.zeros((20_000, 2048), dtype=np.float32)
+    np.save(tmp_path / "wide.npy", x)
+    src = FeatureSource(str(tmp_path / "wide.npy"), torch.randn(10, 2048))
+    budget = 256 * 2**20
+    rows = rows_per_block(src, torch.float32, budget)
+    assert rows * 2 * 2048 * 4 < budget  # the two feature buffers alone fit the budget
