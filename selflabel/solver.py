@@ -210,7 +210,7 @@ def _run_scaling(loop: _Loop, M, a, b, log_v0):
     H, N, K = M.shape
     u = a.repeat(H, 1)
     v = torch.ones(H, K, dtype=M.dtype, device=M.device) if log_v0 is None else torch.exp(log_v0)
-    good_log_v, good_k = torch.log(v), 0
+    good_log_u, good_log_v, good_k = None, torch.log(v), 0
     while loop.k < loop.max_iter:
         loop.k += 1
         w, change = loop.be.scaling_pass(M, a, u, v)
@@ -219,17 +219,17 @@ def _run_scaling(loop: _Loop, M, a, b, log_v0):
             bad = ~(torch.isfinite(w).all() & (w > 0).all() & torch.isfinite(u).all() & (u > 0).all())
             if bool(loop.red.max_(bad.to(M.dtype).reshape(1))[0] > 0):
                 loop.k = good_k  # the caller resumes from the last good state
-                return None, good_log_v
+                return good_log_u, good_log_v, False
             if loop.record(v * w, b, change):
                 break
-            good_log_v, good_k = torch.log(b / w), loop.k  # v_k: the log form resumes at k + 1
+            good_log_u, good_log_v, good_k = torch.log(u), torch.log(b / w), loop.k  # resume at k + 1
         v = b / w
-    return torch.log(u), torch.log(v)
+    return torch.log(u), torch.log(v), True
 
 
-def _run_log(loop: _Loop, L, log_a, log_b, log_v0):
+def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None):
     H, N, K = L.shape
-    f = log_a.repeat(H, 1)
+    f = log_a.repeat(H, 1) if log_u0 is None else log_u0.clone()  # f only feeds the SeLa change
     g = torch.zeros(H, K, dtype=L.dtype, device=L.device) if log_v0 is None else log_v0.clone()
     while loop.k < loop.max_iter:
         loop.k += 1
@@ -385,21 +385,22 @@ def sinkhorn_knopp(
         prep = be.prepare(S, lamb, probs, exponentiate=False)
     rowmax = prep.rowmax
 
-    switched_at = None
+    switched_at, log_u0 = None, None
     with tqdm(total=max_iter, disable=not progress, desc=f"sinkhorn[{be.name}]", unit="it", leave=False) as bar:
         loop = _Loop(be, red, tol, max_iter, check_every, criterion, bar)
         if algo == "scaling":
-            log_u, log_v = _run_scaling(loop, prep.mat, a, b, log_v0)
-            if log_u is None:
+            log_u, log_v, ok = _run_scaling(loop, prep.mat, a, b, log_v0)
+            if not ok:
                 if algorithm == "scaling":
                     raise FloatingPointError(
                         f"the scaling form under/overflowed in {cdtype} after iteration {loop.k} (lamb={lamb} is "
                         "too sharp for this dtype); use algorithm='log' or 'auto', or dtype=torch.float64")
-                switched_at, algo, log_v0 = loop.k, "log", log_v  # loop.k: the last good check
+                switched_at, algo, log_v0, log_u0 = loop.k, "log", log_v, log_u  # loop.k: last good check
                 del prep
                 prep = be.prepare(S, lamb, probs, exponentiate=False)
         if algo == "log":
-            log_u, log_v = _run_log(loop, prep.mat, torch.log(a), torch.log(b), log_v0)
+            log_u, log_v = _run_log(loop, prep.mat, torch.log(a), torch.log(b), log_v0,
+                                    log_u0 if switched_at is not None else None)
         labels = be.labels(prep.mat, log_v.contiguous(), linear=algo == "scaling")
         if gather_labels:
             labels = red.gather_rows(labels)
