@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import torch
 import selflabel as sl
 from selflabel import peers
 from selflabel.bench import machine, read_floor
-from selflabel.io import atomic_write
+from selflabel.io import save_json
 from selflabel.synthetic import make_scores
 
 
@@ -129,10 +128,8 @@ def main() -> None:
     if not args.no_save:
         out = {"benchmark": "bench_cpu", "date": dt.datetime.now().isoformat(timespec="seconds"),
                "n": n, "k": k, "lamb": lamb, "machine": machine("cpu"), "results": rows, "ratios": ratios}
-        os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
         path = os.path.join(os.path.dirname(__file__), "results", f"cpu-{dt.date.today():%Y%m%d}.json")
-        with atomic_write(path, "w") as fh:
-            json.dump(out, fh, indent=2)
+        save_json(path, out)
         print(f"wrote {path}")
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 
 import torch
 
 from selflabel import peers
 from selflabel.backends.triton import TritonBackend
-from selflabel.io import atomic_write
+from selflabel.io import save_json
 
 
 def cuda_time(fn, iters: int) -> float:
@@ -102,9 +101,8 @@ def main() -> None:
     if not args.no_save:
         tag = device.lower().replace("nvidia", "").strip().split()[0]
         path = os.path.join(os.path.dirname(__file__), "results", f"gpu-{tag}-{dt.date.today():%Y%m%d}.json")
-        with atomic_write(path, "w") as fh:
-            json.dump({"benchmark": "bench_gpu", "device": device, "torch": torch.__version__,
-                       "date": dt.datetime.now().isoformat(timespec="seconds"), "results": rows}, fh, indent=2)
+        save_json(path, {"benchmark": "bench_gpu", "device": device, "torch": torch.__version__,
+                       "date": dt.datetime.now().isoformat(timespec="seconds"), "results": rows})
         print(f"wrote {path}")
 
 

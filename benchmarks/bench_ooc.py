@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 import selflabel as sl
-from selflabel.io import atomic_write
+from selflabel.io import save_json
 from selflabel.source import parse_bytes
 from selflabel.synthetic import make_scores
 
@@ -112,8 +111,7 @@ def main() -> None:
         result.update(benchmark="bench_ooc", date=dt.datetime.now().isoformat(timespec="seconds"),
                       torch=torch.__version__, numpy=np.__version__, threads=torch.get_num_threads())
         out = os.path.join(os.path.dirname(__file__), "results", f"ooc-{dt.date.today():%Y%m%d}.json")
-        with atomic_write(out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        save_json(out, result)
         print(f"wrote {out}")
 
 

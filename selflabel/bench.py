@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import gc
 import importlib.util
-import json
 import os
 import platform
 import time
@@ -27,7 +26,7 @@ import torch
 
 from . import peers
 from .backends import triton_available
-from .io import atomic_write
+from .io import atomic_write, save_json
 from .solver import sinkhorn_knopp
 from .synthetic import make_scores
 
@@ -255,9 +254,7 @@ def run_bench(sizes: list[tuple[int, int]], device: str = "cpu", lamb: float = 2
         report["sizes"].append(entry)
         del probs
     stem = os.path.splitext(out)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with atomic_write(out, "w") as fh:
-        json.dump(report, fh, indent=2)
+    save_json(out, report)
     table = markdown(report)
     with atomic_write(f"{stem}.md", "w") as fh:
         fh.write(table + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -37,3 +38,10 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     fh: IO[bytes]
     with atomic_write(path) as fh:
         np.save(fh, array, allow_pickle=False)
+
+
+def save_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
