@@ -209,8 +209,9 @@ class _Loop:
 def _run_scaling(loop: _Loop, M, a, b, log_v0):
     H, N, K = M.shape
     u = a.repeat(H, 1)
-    v = torch.ones(H, K, dtype=M.dtype, device=M.device) if log_v0 is None else torch.exp(log_v0)
-    good_log_u, good_log_v, good_k = None, torch.log(v), 0
+    log_v = torch.zeros(H, K, dtype=M.dtype, device=M.device) if log_v0 is None else log_v0
+    v = torch.exp(log_v)  # may underflow to 0: then the first check fails and the log form starts from log_v0
+    good_log_u, good_log_v, good_k = None, log_v, 0
     while loop.k < loop.max_iter:
         loop.k += 1
         w, change = loop.be.scaling_pass(M, a, u, v)

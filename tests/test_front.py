@@ -80,6 +80,18 @@ def test_warm_start_cuts_iterations():
     assert (warm.labels == fresh.labels).float().mean() >= 0.999
 
 
+def test_warm_start_with_potentials_beyond_exp_range(backend="cpu"):
+    """A warm start whose exp underflows in the scaling form falls back to the log form from
+    the given potentials (it once resumed from log(0) = -inf and raised)."""
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.log_softmax(20 * torch.randn(2, 400, 10, generator=gen, dtype=torch.float64), -1)
+    init = torch.tensor([-900.0] * 5 + [0.0] * 5, dtype=torch.float64)  # exp(-900) == 0 in float64
+    res = sl.sinkhorn_knopp(scores, kind="log_probs", lamb=50.0, init=init, backend=backend, max_iter=20_000)
+    ref = sl.sinkhorn_knopp(scores, kind="log_probs", lamb=50.0, algorithm="log", backend=backend, max_iter=20_000)
+    assert res.algorithm == "log" and torch.isfinite(res.log_v).all() and res.converged == ref.converged
+    assert (res.labels == ref.labels).float().mean() >= 0.99
+
+
 def test_input_types_give_the_same_result(tmp_path):
     scores = make_scores(200, 9, seed=2)
     base = sl.sinkhorn_knopp(scores)
