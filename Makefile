@@ -11,7 +11,7 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h)
 .PHONY: demo test bench lint build clean
 
 demo: $(BUILT)
-	$(PY) -m selflabel demo
+	$(PY) -m selflabel train --method sela --data digits --out runs/demo
 
 test: $(BUILT)
 	$(VENV)/bin/ruff check .

@@ -17,7 +17,7 @@ setup(
     name="selflabel",
     version="0.1.0",
     description="Fast Sinkhorn-Knopp self-labelling (SeLa) for clustering-based self-supervised learning",
-    packages=["selflabel", "selflabel.backends", "selflabel.compat", "selflabel.kernels"],
+    packages=["selflabel", "selflabel.backends", "selflabel.compat", "selflabel.kernels", "selflabel.train"],
     package_dir={"selflabel.kernels": "kernels"},
     ext_modules=[
         CppExtension(
@@ -30,5 +30,6 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={"train": ["scikit-learn", "scipy", "tensorboard"]},
     entry_points={"console_scripts": ["selflabel=selflabel.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Command line: ``selflabel label``, ``selflabel demo``, ``selflabel bench``."""
+"""Command line: ``selflabel label``, ``selflabel train``, ``selflabel demo``, ``selflabel bench``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,66 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from .train import TrainConfig, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet", "no_tensorboard")}
+    config = TrainConfig(**options, progress=not args.quiet, tensorboard=not args.no_tensorboard)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # started by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+        try:
+            train(config)
+        finally:
+            dist.destroy_process_group()
+    else:
+        train(config)
+    return 0
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="train SeLa or CARP (default: SeLa on the bundled digits, a few minutes on CPU)",
+                       description="Train a network with SeLa self-labelling or CARP and evaluate its clusters "
+                                   "against the true classes. Options left out get dataset-aware defaults.")
+    t.add_argument("--method", choices=["sela", "carp"], default="sela")
+    t.add_argument("--data", default="digits",
+                   help="digits (bundled, no download) | imagefolder:PATH | cifar10:PATH | cifar100:PATH | svhn:PATH")
+    t.add_argument("--arch", default=None,
+                   help="mlp | smallcnn | alexnet_small | alexnet_big | resnet18 | resnet50 (default: per dataset)")
+    t.add_argument("--ncl", type=int, default=None, help="clusters K (default: number of classes)")
+    t.add_argument("--hc", type=int, default=None, help="SeLa heads, labelled together")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--lrdrop", type=int, default=None, help="divide the learning rate by 10 every this many epochs")
+    t.add_argument("--wd", type=float, default=1e-5, help="weight decay")
+    t.add_argument("--nopts", type=int, default=None, help="SeLa label updates over the run (quadratic spacing)")
+    t.add_argument("--lamb", type=float, default=None, help="Sinkhorn lambda (SeLa: 25; CARP eval labelling: 1)")
+    t.add_argument("--dtype", choices=["f32", "f64"], default="f64", help="solver precision")
+    t.add_argument("--augs", type=int, choices=[0, 1, 2], default=None, help="augmentation: 0 none, 1 light, 2 strong")
+    t.add_argument("--out", default="selflabel-run", help="folder for checkpoint.pt, metrics.json, tensorboard/")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same options)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
+    t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    t.add_argument("--implicit", action="store_true",
+                   help="SeLa: label from features x head weights without storing the N x K scores")
+    t.add_argument("--memory-budget", default=None,
+                   help="SeLa: write scores to OUT/ and stream them within this budget, e.g. 1GB")
+    t.add_argument("--carp-block", type=int, default=None, help="CARP: prototypes per random block")
+    t.add_argument("--carp-local", type=int, default=None, help="CARP: local views besides the two global ones")
+    t.add_argument("--carp-momentum", type=float, default=0.99, help="CARP: initial EMA momentum of the teacher")
+    t.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this epoch (the run's schedule is kept; --resume continues it)")
+    t.add_argument("--no-tensorboard", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.set_defaults(func=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selflabel", description="Fast Sinkhorn-Knopp self-labelling (SeLa).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lamb", type=float, default=25.0)
     d.set_defaults(func=_demo)
 
+    _add_train(sub)
     from .bench import add_parser as add_bench
 
     add_bench(sub)
@@ -68,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"selflabel: error: {exc}", file=sys.stderr)
         return 2
 

@@ -103,3 +103,28 @@ def test_torchrun_example(tmp_path):
     assert "2 ranks, 2000 rows" in proc.stdout and "converged=True" in proc.stdout
     single = sl.sinkhorn_knopp(make_scores(2000, 20, kind="probs", seed=0), kind="probs")
     assert f"{single.n_iter} iterations" in proc.stdout
+
+
+def test_torchrun_training_loop(tmp_path):
+    """SeLa's training loop under torchrun with 2 gloo ranks: DDP steps, distributed label updates."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(_free_port())]
+    out = tmp_path / "run"
+    args = ["-m", "selflabel", "train", "--arch", "mlp", "--epochs", "3", "--nopts", "3", "--batch-size", "64",
+            "--out", str(out), "--no-tensorboard", "--quiet", "--device", "cpu"]
+    proc = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if "NMI" in ln]
+    assert len(lines) == 1, proc.stdout  # rank 0 reports once
+    nmi = float(lines[0].split("NMI ")[1].split()[0])
+    assert nmi > 0.2
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    labels = ckpt["labels"]
+    assert labels.shape == (3, 1797) and ckpt["epoch"] == 3
+    sizes = torch.bincount(labels[0], minlength=10)
+    assert sizes.min() >= 0.9 * 179.7 and sizes.max() <= 1.1 * 179.7  # balanced over both ranks' rows

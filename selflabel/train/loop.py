@@ -1,0 +1,410 @@
+"""The thin training loop: SeLa (self-labelling with our Sinkhorn solver) and CARP.
+
+One function, ``train(config)``. Read it top to bottom:
+
+1. data, network (and CARP's EMA teacher), SGD; resume from ``OUT/checkpoint.pt`` if asked;
+2. per step: SeLa relabels the whole dataset at the quadratically spaced steps
+   (``label_schedule``) and trains with cross-entropy on the labels, averaged over heads;
+   CARP trains its views on random prototype blocks (``carp.carp_loss``) and moves the teacher;
+3. per epoch: an atomic checkpoint (weights, optimiser, labels, RNG state) and TensorBoard scalars;
+4. at the end: labels from the final network, scored against the true classes with NMI, ARI
+   and Hungarian accuracy, kNN and linear-probe accuracy, beside k-means on raw pixels.
+
+Under ``torchrun`` every rank trains on its own shard (DistributedDataParallel, gloo or
+NCCL); the label update solves the whole dataset at once with ``process_group``, each rank
+passing its shard's scores and one all_reduce of the column sums per solver iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..features import sinkhorn_knopp_features
+from ..io import atomic_write, save_json
+from ..solver import sinkhorn_knopp
+from ..store import ScoreStore
+from .carp import carp_loss, random_blocks
+from .data import ImageSet, ViewDataset, Views, load_image_set
+from .evaluate import cluster_scores, kmeans_scores, probe_scores
+from .models import CarpHead, Network, SelaHeads, build_backbone
+
+METHODS = ("sela", "carp")
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``selflabel train`` (None = a default chosen for the dataset and method)."""
+
+    method: str = "sela"
+    data: str = "digits"
+    arch: str | None = None
+    ncl: int | None = None  # clusters K (default: the number of classes)
+    hc: int | None = None  # SeLa heads
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lrdrop: int | None = None  # divide lr by 10 every lrdrop epochs
+    wd: float = 1e-5
+    nopts: int | None = None  # SeLa label updates over the run (quadratic spacing)
+    lamb: float | None = None
+    dtype: str = "f64"
+    augs: int | None = None  # 0 none, 1 light, 2 strong
+    out: str = "selflabel-run"
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto: cuda (this rank's GPU under torchrun) when available, else cpu
+    workers: int = 0
+    implicit: bool = False  # SeLa: label from features x head weights, never storing N x K scores
+    memory_budget: str | None = None  # SeLa: aggregate scores on disk and stream them within this budget
+    carp_block: int | None = None  # CARP: prototypes per random block (NB)
+    carp_local: int | None = None  # CARP: local views besides the two global ones
+    carp_momentum: float = 0.99  # CARP: EMA teacher momentum at the start (cosine to 1)
+    stop_after: int | None = None  # stop after this epoch (split a run; --resume continues it)
+    progress: bool = True
+    tensorboard: bool = True
+    evaluate: bool = True
+
+
+# dataset-aware defaults: digits is the CPU demo (tuned on it: mlp, small batches, sharper SeLa
+# labels), the others follow SeLa's and CARP's recipes
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": dict(arch="mlp", epochs=40, batch_size=32, lr=0.02, lrdrop=30, nopts=40, hc=3, augs=2),
+    "small": dict(arch="resnet18", epochs=200, batch_size=256, lr=0.05, lrdrop=150, nopts=100, hc=1, augs=1),
+    "imagefolder": dict(arch="alexnet_big", epochs=400, batch_size=256, lr=0.05, lrdrop=150, nopts=160, hc=10,
+                        augs=1),
+}
+_METHOD_DEFAULTS = {"sela": dict(lamb=25.0), "carp": dict(lamb=1.0, carp_local=2, hc=1)}
+_DIGITS_SELA_LAMB = 50.0
+
+
+def _resolve(cfg: TrainConfig, images: ImageSet) -> TrainConfig:
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.dtype not in ("f32", "f64"):
+        raise ValueError(f"--dtype must be f32 or f64, got {cfg.dtype!r}")
+    group = images.name if images.name in _DEFAULTS else "small"
+    defaults = {**_DEFAULTS[group], **_METHOD_DEFAULTS[cfg.method], "ncl": images.num_classes}
+    if group == "digits" and cfg.method == "sela":
+        defaults["lamb"] = _DIGITS_SELA_LAMB
+    cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.carp_block is None:
+        cfg = replace(cfg, carp_block=max(2, cfg.ncl // 2) if cfg.ncl < 64 else min(512, cfg.ncl // 4))
+    if cfg.augs not in (0, 1, 2):
+        raise ValueError(f"--augs must be 0 (none), 1 (light) or 2 (strong), got {cfg.augs}")
+    for name in ("ncl", "hc", "epochs", "batch_size", "lrdrop", "nopts"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.ncl < 2:
+        raise ValueError(f"--ncl must be at least 2, got {cfg.ncl}")
+    if cfg.method == "carp" and cfg.hc != 1:
+        raise ValueError("--hc applies to SeLa; CARP has one prototype head")
+    if cfg.implicit and cfg.memory_budget:
+        raise ValueError("--implicit never stores scores; --memory-budget is for stored scores: pick one")
+    return cfg
+
+
+def label_schedule(total_steps: int, nopts: int) -> list[int]:
+    """SeLa's label-update steps: ``nopts`` of them, quadratically spaced (dense early), the first at 0."""
+    t = (np.arange(nopts) / nopts) ** 2 * total_steps
+    return sorted({int(s) for s in t})
+
+
+def _views(cfg: TrainConfig, images: ImageSet) -> Views:
+    strength = {0: dict(rotate=0.0, translate=0.0, global_scale=(1.0, 1.0)),
+                1: dict(rotate=10.0, translate=0.1, global_scale=(0.8, 1.0)),
+                2: dict(rotate=20.0, translate=0.15, global_scale=(0.6, 1.0))}[cfg.augs]
+    n_global, n_local = (1, 0) if cfg.method == "sela" else (2, cfg.carp_local)
+    return Views(n_global=n_global, n_local=n_local, flip=images.name != "digits" and images.name != "svhn",
+                 **strength)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def _aggregate(net: Network, images: ImageSet, idx: np.ndarray, batch_size: int, *, scores: bool,
+               store: ScoreStore | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features (n, D) of the samples ``idx`` and, with ``scores``, head log-softmax (H, n, K) (or into ``store``)."""
+    was_training = net.training
+    net.eval()
+    loader = torch.utils.data.DataLoader(ViewDataset(images, None, 0), batch_size=batch_size,
+                                         sampler=idx.tolist(), num_workers=0)
+    feats, outs = [], []
+    device = next(net.parameters()).device
+    for _, x in loader:
+        f = net.features(x.to(device, non_blocking=True))
+        feats.append(f)
+        if scores:
+            s = F.log_softmax(net.head(f).float(), dim=-1)
+            s = s if s.dim() == 3 else s[None]
+            if store is not None:
+                store.append(s)
+            else:
+                outs.append(s)
+    net.train(was_training)
+    return torch.cat(feats), (torch.cat(outs, dim=1) if outs else None)
+
+
+def _relabel(net: Network, images: ImageSet, cfg: TrainConfig, shard: np.ndarray, world: int, init: Any):
+    """Solve SeLa's labelling for the whole dataset; returns (labels (H, N) in dataset order, result)."""
+    options = dict(lamb=cfg.lamb, dtype=torch.float64 if cfg.dtype == "f64" else torch.float32, init=init)
+    if world > 1:
+        options.update(process_group=dist.group.WORLD, gather_labels=True)
+    if cfg.implicit:
+        feats, _ = _aggregate(net, images, shard, 4 * cfg.batch_size, scores=False)
+        w, b = net.head.prototypes()  # CUDA features: fused tl.dot kernel; CPU: chunked BLAS blocks
+        res = sinkhorn_knopp_features(feats, w, b, **options)
+    elif cfg.memory_budget:
+        path = os.path.join(cfg.out, f"scores-rank{dist.get_rank() if world > 1 else 0}.npy")
+        with ScoreStore(path, n=len(shard), k=cfg.ncl, heads=cfg.hc, dtype=np.float32) as store:
+            _aggregate(net, images, shard, 4 * cfg.batch_size, scores=True, store=store)
+        res = sinkhorn_knopp(path, kind="log_probs", backend="chunked", memory_budget=cfg.memory_budget, **options)
+    else:
+        _, scores = _aggregate(net, images, shard, 4 * cfg.batch_size, scores=True)
+        res = sinkhorn_knopp(scores, kind="log_probs", **options)
+    labels = res.labels.reshape(-1, res.labels.shape[-1]).cpu()
+    order = np.concatenate([np.arange(r, len(images), world) for r in range(world)])
+    out = torch.empty_like(labels)
+    out[:, torch.from_numpy(order)] = labels  # gathered labels come in rank order of the shards
+    return out, res
+
+
+def _label_stats(labels: torch.Tensor, k: int) -> dict[str, float]:
+    sizes = torch.bincount(labels[0], minlength=k).double()
+    p = sizes / sizes.sum()
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    return {"label_entropy": entropy, "cluster_min": float(sizes.min()), "cluster_max": float(sizes.max())}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+_MUST_MATCH = ("method", "data", "arch", "ncl", "hc", "epochs", "batch_size", "nopts", "seed", "carp_block",
+               "carp_local", "augs")
+
+
+def _load_checkpoint(path: str, cfg: TrainConfig) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run once without --resume first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    saved = ckpt["config"]
+    diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in _MUST_MATCH
+            if saved[k] != getattr(cfg, k)]
+    if diff:
+        raise ValueError("--resume with different options than the checkpoint: " + "; ".join(diff))
+    return ckpt
+
+
+def _evaluate(net: Network, images: ImageSet, cfg: TrainConfig, labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    feats, scores = _aggregate(net, images, np.arange(len(images)), 4 * cfg.batch_size, scores=True)
+    truth = images.targets
+    res = {"labels": cluster_scores(truth, labels[0].numpy()),
+           "argmax": cluster_scores(truth, scores[0].argmax(-1).cpu().numpy()),
+           "features": probe_scores(feats.cpu().numpy(), truth, seed=cfg.seed)}
+    if images.pixels is not None or len(images) <= 20_000:
+        pixels = images.pixels
+        if pixels is None:
+            pixels = torch.stack([images.get(i) for i in range(len(images))])
+        res["kmeans_pixels"] = kmeans_scores(pixels.flatten(1).numpy(), truth, images.num_classes, seed=cfg.seed)
+    return res
+
+
+def _summary(metrics: dict[str, dict[str, float]]) -> str:
+    lab, base = metrics["labels"], metrics.get("kmeans_pixels")
+    line = f"NMI {lab['nmi']:.3f} ARI {lab['ari']:.3f} acc {lab['acc']:.3f}"
+    if base:
+        line += f" | k-means on pixels: NMI {base['nmi']:.3f} ARI {base['ari']:.3f} acc {base['acc']:.3f}"
+    feats = metrics["features"]
+    return line + f" | kNN acc {feats['knn_acc']:.3f} linear acc {feats['linear_acc']:.3f}"
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the final network, labels (H, N) and the evaluation (empty if skipped)."""
+
+    net: Network
+    labels: torch.Tensor
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    config: TrainConfig | None = None
+
+
+def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+    """Train SeLa or CARP as configured; see ``TrainConfig`` and ``selflabel train --help``."""
+    t0 = time.perf_counter()
+    cfg = replace(config or TrainConfig(), **overrides)
+    images = load_image_set(cfg.data)
+    cfg = _resolve(cfg, images)
+    rank, world = _world()
+    main = rank == 0
+    if cfg.device == "auto":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # ---- network, optimiser, state --------------------------------------------------------------
+    backbone = build_backbone(cfg.arch, images.channels, images.image_size)
+    head = (SelaHeads(backbone.out_dim, cfg.ncl, cfg.hc) if cfg.method == "sela"
+            else CarpHead(backbone.out_dim, cfg.ncl))
+    net = Network(backbone, head).to(device)
+    teacher = copy.deepcopy(net).requires_grad_(False) if cfg.method == "carp" else None
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
+    shard = np.arange(rank, len(images), world)  # this rank's samples
+    min_shard = len(images) // world
+    if cfg.batch_size > min_shard:
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {min_shard} samples of a rank's shard")
+    steps_per_epoch = min_shard // cfg.batch_size  # the same on every rank (DDP steps together)
+    total_steps = cfg.epochs * steps_per_epoch
+    relabel_at = set(label_schedule(total_steps, cfg.nopts)) if cfg.method == "sela" else set()
+    labels = torch.randint(cfg.ncl, (cfg.hc, len(images)), generator=torch.Generator().manual_seed(cfg.seed))
+    log_v, start_epoch, step, history = None, 0, 0, []
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    if cfg.resume:
+        ckpt = _load_checkpoint(ckpt_path, cfg)
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["teacher"])
+        labels, log_v, start_epoch, step, history = (ckpt["labels"], ckpt["log_v"], ckpt["epoch"], ckpt["step"],
+                                                     ckpt["history"])
+        _set_rng_state(ckpt["rng"])
+    device_ids = [device.index] if device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids) if world > 1 else net
+    writer = None
+    if main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=step)
+    train_set = ViewDataset(images, _views(cfg, images), cfg.seed)
+
+    def log(scalars: dict[str, float], at: int) -> None:
+        if writer is not None:
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, at)
+
+    def relabel() -> None:
+        nonlocal labels, log_v
+        labels, res = _relabel(net, images, cfg, shard, world, log_v)
+        log_v = res.log_v.cpu()
+        stats = _label_stats(labels, cfg.ncl)
+        log({"labels/solver_iterations": res.n_iter, "labels/solver_seconds": res.seconds,
+             **{f"labels/{k}": v for k, v in stats.items()}}, step)
+        if writer is not None:
+            writer.add_histogram("labels/cluster_sizes", torch.bincount(labels[0], minlength=cfg.ncl), step)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    last_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
+    for epoch in range(start_epoch, last_epoch):
+        lr = cfg.lr * 0.1 ** (epoch // cfg.lrdrop)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        train_set.set_epoch(epoch)
+        order = shard[torch.randperm(len(shard), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))]
+        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=order.tolist(),
+                                             num_workers=cfg.workers, drop_last=True)
+        bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (main and cfg.progress), leave=False)
+        losses = []
+        for b, (idx, views) in enumerate(loader):
+            if b == steps_per_epoch:
+                break
+            if step in relabel_at:
+                relabel()
+            views = [v.to(device, non_blocking=True) for v in views]
+            if cfg.method == "sela":
+                logits = model(views[0])  # (H, B, K)
+                target = labels[:, idx].to(device)
+                loss = sum(F.cross_entropy(logits[h], target[h]) for h in range(cfg.hc)) / cfg.hc
+                parts = {}
+            else:
+                x = torch.cat(views)
+                student = list(model(x).chunk(len(views)))
+                with torch.no_grad():
+                    teacher_out = list(teacher(torch.cat(views[:2])).chunk(2))
+                blocks = random_blocks(cfg.ncl, cfg.carp_block, torch.Generator().manual_seed(cfg.seed + 104729 * step))
+                consistency, entropy = carp_loss(student, teacher_out, blocks)
+                loss = consistency + entropy
+                parts = {"train/consistency": consistency.item(), "train/entropy": entropy.item()}
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss)} at step {step} (epoch {epoch + 1}); "
+                                         "lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if teacher is not None:
+                m = 1 - (1 - cfg.carp_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
+                with torch.no_grad():
+                    for pt, ps in zip(teacher.parameters(), net.parameters(), strict=True):
+                        pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+                    for bt, bs in zip(teacher.buffers(), net.buffers(), strict=True):
+                        bt.copy_(bs)
+            losses.append(loss.item())
+            log({"train/loss": losses[-1], "train/lr": lr, **parts}, step)
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            step += 1
+        bar.close()
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
+        if main and cfg.method == "sela":
+            record.update({f"label_{k}": v for k, v in cluster_scores(images.targets, labels[0].numpy()).items()})
+            log({"eval/label_nmi": record["label_nmi"]}, step)
+        history.append(record)
+        if main:
+            with atomic_write(ckpt_path) as fh:
+                torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(),
+                            "teacher": teacher.state_dict() if teacher is not None else None,
+                            "labels": labels, "log_v": log_v, "epoch": epoch + 1, "step": step,
+                            "history": history, "rng": _rng_state(), "config": asdict(cfg)}, fh)
+            if cfg.progress:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} lr {lr:.4g}"
+                      + (f" label NMI {record['label_nmi']:.3f}" if "label_nmi" in record else ""), flush=True)
+
+    # ---- final labels and evaluation --------------------------------------------------------------
+    finished = last_epoch == cfg.epochs
+    if finished:
+        if cfg.method == "carp":  # balanced labels from the prototype head, by the same solver
+            cfg_eval = replace(cfg, hc=1)
+            labels, _ = _relabel(net, images, cfg_eval, shard, world, None)
+        else:
+            relabel()
+    metrics: dict[str, dict[str, float]] = {}
+    if finished and cfg.evaluate and main:
+        metrics = _evaluate(net, images, cfg, labels)
+        save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "metrics": metrics,
+                                                          "history": history})
+        for name, scores in metrics.items():
+            log({f"final/{name}_{k}": v for k, v in scores.items()}, step)
+        print(f"{cfg.method} on {cfg.data} ({cfg.arch}, K={cfg.ncl}, {cfg.epochs} epochs, "
+              f"{time.perf_counter() - t0:.0f}s): {_summary(metrics)}", flush=True)
+    if writer is not None:
+        writer.close()
+    return TrainResult(net=net, labels=labels, metrics=metrics, history=history,
+                       seconds=time.perf_counter() - t0, config=cfg)
