@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .backends import Backend, get_backend
 from .backends.chunked import ChunkedBackend, ChunkedScores, rows_per_block
+from .backends.implicit import FeatureScores, ImplicitTritonBackend
 from .distributed import Reducer
 from .result import SinkhornResult
 from .source import make_source, parse_bytes
@@ -334,7 +335,15 @@ def sinkhorn_knopp(
         chunked = backend == "chunked" or (backend == "auto" and memory_budget is not None)
         if memory_budget is not None and not chunked:
             raise ValueError(f"memory_budget applies to backend='chunked' (or 'auto'), not backend={backend!r}")
-        if chunked:
+        implicit = isinstance(scores, FeatureScores)
+        if implicit:
+            raw3 = None  # recomputed from features in every pass, never stored
+            shape, stacked, device = scores.shape, scores.stacked, scores.device
+            cdtype = torch.float64 if scores.x.dtype == torch.float64 else _compute_dtype(dtype, scores.w)
+            if cdtype != (torch.float64 if scores.x.dtype == torch.float64 else torch.float32):
+                raise ValueError("implicit mode computes in the features' precision: pass float64 features "
+                                 "for dtype=float64")
+        elif chunked:
             src = make_source(scores)
             raw3 = None  # never loaded whole
             shape, stacked, device = src.shape, src.ndim == 3, torch.device("cpu")
@@ -352,7 +361,10 @@ def sinkhorn_knopp(
         H, N, K = shape
         if H == 0 or N == 0 or K == 0:
             raise ValueError(f"scores must not be empty, got shape {tuple(shape)}")
-        if chunked:
+        if implicit:
+            be = ImplicitTritonBackend()
+            S = scores
+        elif chunked:
             be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget)), progress=progress)
             S = ChunkedScores(src, cdtype)
         else:
@@ -363,6 +375,10 @@ def sinkhorn_knopp(
         b_raw = _check_marginal(col_marginal, K, "col_marginal", "K", device)
         probs = kind == "probs"
         algo = "scaling" if algorithm in ("auto", "scaling") else "log"
+        if getattr(be, "log_only", False):
+            if algorithm == "scaling":
+                raise ValueError(f"backend {be.name!r} runs the log domain only; use algorithm='log' or 'auto'")
+            algo = "log"
         prep = be.prepare(S, lamb, probs, exponentiate=algo == "scaling")
         _validate_prepared(prep, probs)
     except Exception as exc:  # with a process group every failure must reach every rank
@@ -381,7 +397,7 @@ def sinkhorn_knopp(
          else _normalise(b_raw, "col_marginal", cdtype)).expand(H, K)
     colmax = red.max_(prep.colmax.clone())
     _check_columns(colmax)
-    if algorithm == "auto" and float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]:
+    if algo == "scaling" and algorithm == "auto" and float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]:
         algo = "log"
         prep = be.prepare(S, lamb, probs, exponentiate=False)
     rowmax = prep.rowmax

@@ -4,8 +4,8 @@ real sizes on a GPU), and the solver on backend="triton" against the C++ backend
 import pytest
 import torch
 from conftest import ON_GPU
+from selflabel.kernels import implicit, logdomain, prepare, scaling
 from selflabel.kernels import labels as labels_k
-from selflabel.kernels import logdomain, prepare, scaling
 
 import selflabel as sl
 from selflabel.synthetic import make_scores
@@ -128,3 +128,67 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA scores"):
         sl.sinkhorn_knopp(torch.randn(10, 3), backend="triton")
+
+
+# implicit mode: (N, K, D) ragged against the 16 x 16 x 16 interpreter tiles; a GPU adds real sizes
+IMPLICIT_SHAPES = [(1, 1, 1), (37, 23, 19), (16, 48, 33), (5, 70, 8)]
+if ON_GPU:
+    IMPLICIT_SHAPES += [(100_003, 1000, 128), (4097, 3001, 64)]
+
+
+@pytest.mark.parametrize("shape", IMPLICIT_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_implicit_log_kernel(shape, dtype, with_bias):
+    N, K, D = shape
+    gen = torch.Generator(device=DEV).manual_seed(N + K + D)
+    x = torch.randn(N, D, dtype=dtype, device=DEV, generator=gen) / D**0.5
+    w = torch.randn(K, D, dtype=dtype, device=DEV, generator=gen)
+    bias = torch.randn(K, dtype=dtype, device=DEV, generator=gen) if with_bias else None
+    s = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    rowmax = s.amax(1).to(dtype)
+    log_a = torch.log(torch.rand(N, dtype=dtype, device=DEV, generator=gen) + 0.1)
+    g = torch.randn(K, dtype=dtype, device=DEV, generator=gen)
+    f0 = torch.randn(N, dtype=dtype, device=DEV, generator=gen)
+    f_k, f_r = f0.clone(), f0.clone()
+    lw_k, ch_k = implicit.implicit_log_pass(x, w, bias, 5.0, rowmax, log_a, f_k, g)
+    lw_r, ch_r = implicit.torch_reference(x, w, bias, 5.0, rowmax, log_a, f_r, g)
+    # float32 on a GPU multiplies in TF32 (10-bit mantissa): scores differ by ~1e-3 relative
+    atol = (2e-3 if ON_GPU else 1e-4) if dtype == torch.float32 else 1e-10
+    assert torch.allclose(f_k, f_r, atol=atol, rtol=0) and torch.allclose(lw_k, lw_r, atol=4 * atol, rtol=0)
+    assert torch.allclose(ch_k, ch_r, rtol=1e-2 if dtype == torch.float32 else 1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [None, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_implicit_solver_matches_materialised(dtype, heads, with_bias):
+    """sinkhorn_knopp_features on the triton path equals sinkhorn_knopp(X W^T + b) (labels and duals)."""
+    N, K, D = (41, 13, 21) if not ON_GPU else (20_011, 300, 64)
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    x = torch.randn(N, D, dtype=dtype, device=DEV, generator=gen)
+    wshape = (K, D) if heads is None else (heads, K, D)
+    w = torch.randn(wshape, dtype=dtype, device=DEV, generator=gen) / D**0.5
+    bias = torch.randn(wshape[:-1], dtype=dtype, device=DEV, generator=gen) * 0.1 if with_bias else None
+    tol = 1e-5 if dtype == torch.float32 else 1e-9
+    res = sl.sinkhorn_knopp_features(x, w, bias, lamb=5.0, backend="triton", tol=tol, max_iter=500)
+    s = x.double() @ w.double().transpose(-1, -2) + (0 if bias is None else bias.double()[..., None, :])
+    ref = sl.sinkhorn_knopp(s, lamb=5.0, dtype=torch.float64, algorithm="log", backend="torch", tol=1e-9,
+                            max_iter=500)
+    assert res.backend == "triton-implicit" and res.algorithm == "log" and res.converged
+    assert res.labels.shape == ref.labels.shape
+    agree = (res.labels == ref.labels).double().mean()
+    assert agree >= (0.995 if dtype == torch.float32 else 1.0)
+    dv = res.log_v.double() - ref.log_v
+    dv = dv - dv.mean(-1, keepdim=True)  # potentials are defined up to a constant
+    assert dv.abs().max() <= (5e-3 if dtype == torch.float32 else 1e-6)
+
+
+def test_implicit_triton_rejects_bad_input():
+    x = torch.randn(10, 4, device=DEV)
+    with pytest.raises(ValueError, match="prototypes must have shape"):
+        sl.sinkhorn_knopp_features(x, torch.randn(5, 3, device=DEV), backend="triton")
+    with pytest.raises(ValueError, match="log domain only"):
+        sl.sinkhorn_knopp_features(x, torch.randn(5, 4, device=DEV), backend="triton", algorithm="scaling")
+    with pytest.raises(ValueError, match="memory_budget"):
+        sl.sinkhorn_knopp_features(x, torch.randn(5, 4, device=DEV), backend="triton", memory_budget="1GB")

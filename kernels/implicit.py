@@ -1,0 +1,128 @@
+"""Implicit log-domain Sinkhorn iteration: scores recomputed from features and prototypes.
+
+The N x K matrix is never stored. Each score tile ``S = X W^T`` is computed with ``tl.dot``
+(float32 features on tensor cores in TF32, bfloat16/float16 features as they are, float32
+accumulation; float64 features with an exact broadcast-multiply-sum, slow but correct) and
+fused with the log-domain pass of ``kernels/logdomain.py``:
+
+    L_ij = lamb * (S_ij + b_j - m_i)                       (m: row maxima of S + b, (N,))
+    r_i, s_i = online max / sum-exp of L_ij + g_j over the column tiles
+    f_i = log a_i - r_i - log s_i,   alpha_i = a_i / s_i
+    W_PART += sum_i alpha_i exp(L_ij + g_j - r_i),   MX_PART = max(MX_PART, max_i L_ij + g_j + f_i)
+
+Shapes: X (N, D), W (K, D), BIAS (K,), ROWMAX (N,), LOG_A (N,), F (N,), G (K,), one head per
+launch; X, W contiguous. Program p owns the row blocks p, p + P, ... and the column partials
+W_PART[p, :], MX_PART[p, :]; per row block it sweeps the column tiles twice (row LSE, then
+the column partials of the updated rows), recomputing the tile from X and W each time: one
+launch and memory O(N*D + P*K) per iteration.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import configs, max_programs
+
+
+@triton.jit
+def _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_BIAS: tl.constexpr, EXACT: tl.constexpr):
+    """lamb * (X[rows] W[cols]^T + b[cols] - m[rows]) as a (BLOCK_N, BLOCK_K) tile in the compute dtype."""
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float64 if EXACT else tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        x = tl.load(X + rows.to(tl.int64)[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        w = tl.load(W + cols.to(tl.int64)[:, None] * D + d[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if EXACT:
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(acc.dtype)[None, :]
+    return lamb * (acc - m[:, None])
+
+
+@triton.autotune(
+    configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd} for bn in (64, 128) for bk in (64, 128)
+                     for bd in (32, 64)], {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}),
+    key=["K", "D", "EXACT"],
+    reset_to_zero=["W_PART", "CHANGE_PART"],
+    restore_value=["F", "MX_PART"],
+)
+@triton.jit
+def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, D, lamb,
+                              HAS_BIAS: tl.constexpr, EXACT: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    dt = F.dtype.element_ty
+    poff = pid.to(tl.int64) * K
+    cols0 = tl.arange(0, BLOCK_K)
+    change = tl.zeros([BLOCK_N], tl.float64)
+    for blk in tl.range(pid, tl.cdiv(N, BLOCK_N), NPROG):
+        rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        m = tl.load(ROWMAX + rows, mask=rmask, other=0.0)
+        r = tl.full([BLOCK_N], float("-inf"), dt)
+        s = tl.zeros([BLOCK_N], dt)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + cols0
+            cmask = cols < K
+            x = _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
+                            BLOCK_N, BLOCK_K, BLOCK_D, HAS_BIAS, EXACT).to(dt)
+            g = tl.load(G + cols, mask=cmask, other=0.0)
+            z = tl.where(cmask[None, :], x + g[None, :], float("-inf"))
+            r_new = tl.maximum(r, tl.max(z, axis=1))
+            s = s * tl.exp(r - r_new) + tl.sum(tl.exp(z - r_new[:, None]), axis=1)
+            r = r_new
+        log_alpha = tl.load(LOG_A + rows, mask=rmask, other=0.0) - tl.log(s)
+        f_new = log_alpha - r
+        f_old = tl.load(F + rows, mask=rmask, other=0.0)
+        change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
+        tl.store(F + rows, f_new, mask=rmask)
+        alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
+        shift = tl.where(rmask, f_new, float("-inf"))
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + cols0
+            cmask = cols < K
+            x = _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
+                            BLOCK_N, BLOCK_K, BLOCK_D, HAS_BIAS, EXACT).to(dt)
+            z = x + tl.load(G + cols, mask=cmask, other=0.0)[None, :]
+            w = tl.sum(alpha[:, None] * tl.exp(z - r[:, None]), axis=0)
+            mx = tl.max(z + shift[:, None], axis=0)
+            tl.store(W_PART + poff + cols, tl.load(W_PART + poff + cols, mask=cmask, other=0.0) + w, mask=cmask)
+            old = tl.load(MX_PART + poff + cols, mask=cmask, other=float("-inf"))
+            tl.store(MX_PART + poff + cols, tl.maximum(old, mx), mask=cmask)
+    tl.store(CHANGE_PART + pid, tl.sum(change, axis=0))
+
+
+def implicit_log_pass(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lamb: float, rowmax: torch.Tensor,
+                      log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head: f <- log a - LSE_j(L + g) in place (L from x, w, bias); returns (log column mass (K,), change)."""
+    N, D = x.shape
+    K = w.shape[0]
+    P = min(max_programs(x.device), N)
+    w_part = torch.zeros(P, K, dtype=f.dtype, device=f.device)
+    mx_part = torch.full((P, K), float("-inf"), dtype=f.dtype, device=f.device)
+    change_part = torch.zeros(P, dtype=torch.float64, device=f.device)
+    exact = x.dtype == torch.float64
+    _implicit_log_pass_kernel[(P,)](x, w, bias if bias is not None else w, rowmax, log_a, f, g, w_part, mx_part,
+                                    change_part, P, N, K, D, float(lamb), HAS_BIAS=bias is not None, EXACT=exact)
+    total = w_part.sum(0)
+    tiny = torch.finfo(f.dtype).tiny * 1e8
+    return torch.where(total > tiny, torch.log(total), mx_part.amax(0)), change_part.sum()
+
+
+def torch_reference(x, w, bias, lamb, rowmax, log_a, f, g):
+    """The same pass on the materialised matrix, through the plain torch backend."""
+    from selflabel.backends.torch_ref import TorchBackend
+
+    s = x.to(f.dtype) @ w.to(f.dtype).T + (0 if bias is None else bias.to(f.dtype))
+    L = (lamb * (s - rowmax[:, None]))[None]
+    f2 = f[None].clone()
+    logw, change = TorchBackend().log_pass(L, log_a, f2, g[None])
+    f.copy_(f2[0])
+    return logw[0], change[0]
