@@ -109,10 +109,29 @@ def _normalise(t: torch.Tensor, name: str, dtype: torch.dtype, reducer: Reducer 
     return (t / total).to(dtype)
 
 
-def _budget(memory_budget: int | str | None) -> int:
+def _budget(memory_budget: int | str | None, device: torch.device) -> int:
     if memory_budget is not None:
         return parse_bytes(memory_budget)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+def _device(device: str | torch.device | None, default: torch.device) -> torch.device:
+    """``device`` as a torch.device ("cuda" -> the current CUDA device), checked to exist."""
+    if device is None:
+        return default
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    elif dev.type != "cpu":
+        raise ValueError(f"device={device!r}: only 'cpu' and 'cuda' are supported")
+    return dev
 
 
 def _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every) -> float:
@@ -266,6 +285,7 @@ def sinkhorn_knopp(
     init: Any = None,
     progress: bool = False,
     memory_budget: int | str | None = None,
+    device: str | torch.device | None = None,
     process_group: Any = None,
     gather_labels: bool = False,
 ) -> SinkhornResult:
@@ -307,7 +327,14 @@ def sinkhorn_knopp(
             scores in row blocks (one pass per iteration) and never holds the N x K matrix:
             for .npy files or memmaps larger than memory, or a function returning a fresh
             iterable of row blocks (called once per pass). With backend="auto", giving a
-            budget selects "chunked". Default for "chunked": a quarter of physical memory.
+            budget selects "chunked". Default for "chunked": a quarter of physical memory
+            (on CUDA: half of the free device memory). On CUDA the budget is device memory.
+        device: where the passes run. Default: the scores' device (CPU for files, arrays
+            and functions). ``"cuda"`` with backend="chunked" streams a host-resident
+            matrix (file, array, pinned or plain CPU tensor) over PCIe in row blocks through
+            pinned double buffers and a copy stream, computing with the Triton kernels, so
+            a matrix larger than the GPU is solved on it. Other backends move in-memory
+            scores to ``device`` first.
         process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): each
             rank passes its own rows (any number, unequal shards allowed); the column side is
             global. One all_reduce of the (H, K) column sums per iteration (two in the log
@@ -337,6 +364,9 @@ def sinkhorn_knopp(
             raise ValueError(f"memory_budget applies to backend='chunked' (or 'auto'), not backend={backend!r}")
         implicit = isinstance(scores, FeatureScores)
         if implicit:
+            if device is not None and _device(device, scores.device) != scores.device:
+                raise ValueError(f"device={device!r}: implicit mode runs where the features are ({scores.device}); "
+                                 "move the features and prototypes instead")
             raw3 = None  # recomputed from features in every pass, never stored
             shape, stacked, device = scores.shape, scores.stacked, scores.device
             cdtype = torch.float64 if scores.x.dtype == torch.float64 else _compute_dtype(dtype, scores.w)
@@ -346,10 +376,13 @@ def sinkhorn_knopp(
         elif chunked:
             src = make_source(scores)
             raw3 = None  # never loaded whole
-            shape, stacked, device = src.shape, src.ndim == 3, torch.device("cpu")
+            shape, stacked = src.shape, src.ndim == 3
+            device = _device(device, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
             cdtype = _compute_dtype(dtype, torch.empty(0, dtype=src.dtype))
         else:
             raw = _as_tensor(scores)
+            if device is not None:
+                raw = raw.to(_device(device, raw.device))
             if not raw.dtype.is_floating_point:
                 raise TypeError(f"scores must be floating point, got {raw.dtype}; cast with .float()")
             if raw.dim() not in (2, 3):
@@ -365,7 +398,8 @@ def sinkhorn_knopp(
             be = ImplicitTritonBackend()
             S = scores
         elif chunked:
-            be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget)), progress=progress)
+            be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget, device)), progress=progress,
+                                device=device)
             S = ChunkedScores(src, cdtype)
         else:
             be = get_backend(backend, device)

@@ -6,6 +6,12 @@ shift, exp) and passed through the same fused iteration as the in-memory solver,
 so per entry a pass costs one exp on top of the read; the column sums of the
 blocks are added up (log-sum-exp in the log domain). File sources are read by a
 background thread into two reusable buffers while the previous block computes.
+
+On a CUDA device (``sinkhorn_knopp(..., device="cuda")``) the passes are the Triton
+kernels and ``DeviceFeed`` moves each host block over PCIe: two pinned staging
+buffers, a copy stream and two device buffers, so the transfer of block i+1 runs
+while the kernels work on block i (double buffering). The N-long vectors stay on
+the device; only row blocks travel.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..source import CallableSource, NpyFileSource, TensorSource
-from . import Prepared
+from . import Backend, Prepared
 from .cpu import CpuBackend
 
 FIXED_OVERHEAD = 64 * 2**20  # allocator slack and small buffers, kept out of the block budget
@@ -44,29 +50,89 @@ class Streamed:
     probs: bool
     exponentiate: bool
     dtype: torch.dtype
+    feed: DeviceFeed
     progress: bool = False
-
-    device = torch.device("cpu")
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.source.shape
 
-    def blocks(self, inner: CpuBackend, exponentiate: bool | None = None):
+    @property
+    def device(self) -> torch.device:
+        return self.feed.device
+
+    def blocks(self, inner: Backend, exponentiate: bool | None = None):
         expo = self.exponentiate if exponentiate is None else exponentiate
         n = self.shape[1]
         with tqdm(total=n, disable=not self.progress, desc="pass", unit="row", unit_scale=True, leave=False) as bar:
-            for lo, hi, block in self.source.blocks(self.rows):
+            for lo, hi, block in self.feed(self.source.blocks(self.rows)):
                 yield lo, hi, inner.prepare(block.to(self.dtype).contiguous(), self.lamb, self.probs, expo)
                 bar.update(hi - lo)
 
 
-def _costs(source, dtype: torch.dtype) -> tuple[int, int]:
-    """(fixed bytes, bytes per row of a block).
+class DeviceFeed:
+    """Moves the row blocks of a host source to ``device``, one pass at a time.
 
-    Per row: two storage buffers (double buffering), the block in the compute dtype,
-    the kernel rows, and a few per-row outputs. Fixed: about 12 N-long float64 vectors
-    per head (duals, row max, row sums, labels, ...), the column vectors and slack.
+    CUDA: block i is copied (on the calling thread) into pinned staging buffer i % 2,
+    then sent by a side stream into device buffer i % 2 with a non-blocking copy; the
+    compute stream waits for that copy only, and the copy of block i+2 into the same
+    buffers waits for the kernels that read block i. So while the GPU computes block i,
+    the host stages block i+1 and the copy engine moves it. Blocks already pinned (a
+    pinned source tensor) skip the staging copy; blocks already on the device pass through.
+    Any other device (CPU): blocks pass through unchanged.
+    """
+
+    def __init__(self, device: torch.device, shape: tuple[int, int, int], rows: int, dtype: torch.dtype) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            h, _, k = shape
+            self._shape, self._dtype = (h, rows, k), dtype
+            self._host: list[torch.Tensor | None] = [None, None]  # allocated on first use
+            self._dev = [torch.empty((h, rows, k), dtype=dtype, device=device) for _ in range(2)]
+            self._copy_stream = torch.cuda.Stream(device)
+            self._copied = [torch.cuda.Event() for _ in range(2)]
+            self._consumed = [torch.cuda.Event() for _ in range(2)]
+
+    def _staged(self, slot: int, block: torch.Tensor) -> torch.Tensor:
+        if block.is_pinned() and block.is_contiguous():
+            return block
+        if self._host[slot] is None:
+            self._host[slot] = torch.empty(self._shape, dtype=self._dtype, pin_memory=True)
+        self._copied[slot].synchronize()  # the copy that last read this staging buffer is done
+        host = self._host[slot][:, : block.shape[1]]
+        host.copy_(block)
+        return host
+
+    def __call__(self, blocks):
+        if not self.cuda:
+            yield from blocks
+            return
+        compute = torch.cuda.current_stream(self.device)
+        for i, (lo, hi, block) in enumerate(blocks):
+            if block.device == self.device:
+                yield lo, hi, block
+                continue
+            slot = i % 2
+            src = self._staged(slot, block.to(self._dtype))
+            dst = self._dev[slot][:, : hi - lo]
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(self._consumed[slot])  # kernels on block i-2 are done with dst
+                dst.copy_(src, non_blocking=True)
+                self._copied[slot].record(self._copy_stream)
+            compute.wait_event(self._copied[slot])
+            yield lo, hi, dst
+            self._consumed[slot].record(compute)  # the caller has queued all its work on this block
+
+
+def _costs(source, dtype: torch.dtype) -> tuple[int, int]:
+    """(fixed bytes, bytes per row of a block), on the device that computes.
+
+    Per row: two storage buffers (double buffering: the file reader's on CPU, the
+    device buffers on CUDA), the block in the compute dtype, the kernel rows, and a few
+    per-row outputs. Fixed: about 12 N-long float64 vectors per head (duals, row max,
+    row sums, labels, ...), the column vectors and slack. On CUDA the two pinned host
+    staging buffers are host memory, outside the device budget.
     """
     h, n, k = source.shape
     item = torch.tensor([], dtype=dtype).element_size()
@@ -94,21 +160,35 @@ def budget_for_rows(source, dtype: torch.dtype, rows: int) -> int:
     return fixed + rows * per_row
 
 
+def inner_backend(device: torch.device) -> Backend:
+    """The in-memory backend that runs the passes over each block: fused C++ on CPU,
+    Triton on CUDA (plain torch where triton is missing)."""
+    if device.type == "cpu":
+        return CpuBackend()
+    from . import get_backend
+
+    return get_backend("auto", device)
+
+
 class ChunkedBackend:
     name = "chunked"
 
-    def __init__(self, rows: int, progress: bool = False) -> None:
-        self.inner = CpuBackend()
+    def __init__(self, rows: int, progress: bool = False, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.inner = inner_backend(self.device)
         self.rows, self.progress = rows, progress
+        self._feed: DeviceFeed | None = None
 
     def prepare(self, source: ChunkedScores, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
         h, n, k = source.shape
-        dtype = source.compute_dtype
-        mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype, self.progress)
-        rowmax = torch.empty(h, n, dtype=dtype)
-        rowsum = torch.empty(h, n, dtype=torch.float64)
-        rowmin = torch.empty(h, n, dtype=torch.float64)
-        colmax = torch.full((h, k), float("-inf"), dtype=dtype)
+        dtype, dev = source.compute_dtype, self.device
+        if self._feed is None:  # one set of transfer buffers for every pass of this solve
+            self._feed = DeviceFeed(dev, source.shape, self.rows, source.inner.dtype)
+        mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype, self._feed, self.progress)
+        rowmax = torch.empty(h, n, dtype=dtype, device=dev)
+        rowsum = torch.empty(h, n, dtype=torch.float64, device=dev)
+        rowmin = torch.empty(h, n, dtype=torch.float64, device=dev)
+        colmax = torch.full((h, k), float("-inf"), dtype=dtype, device=dev)
         for lo, hi, p in mat.blocks(self.inner, exponentiate=False):
             rowmax[:, lo:hi], rowsum[:, lo:hi], rowmin[:, lo:hi] = p.rowmax, p.rowsum, p.rowmin
             torch.maximum(colmax, p.colmax, out=colmax)
@@ -116,8 +196,8 @@ class ChunkedBackend:
 
     # Column sums are combined across blocks in float64, as the kernel does within a block.
     def scaling_pass(self, mat: Streamed, a, u, v):
-        w = torch.zeros(v.shape, dtype=torch.float64)
-        change = torch.zeros(u.shape[0], dtype=torch.float64)
+        w = torch.zeros(v.shape, dtype=torch.float64, device=self.device)
+        change = torch.zeros(u.shape[0], dtype=torch.float64, device=self.device)
         for lo, hi, p in mat.blocks(self.inner):
             ub = u[:, lo:hi].contiguous()
             wb, cb = self.inner.scaling_pass(p.mat, a[lo:hi].contiguous(), ub, v)
@@ -127,8 +207,8 @@ class ChunkedBackend:
         return w.to(v.dtype), change
 
     def log_pass(self, mat: Streamed, log_a, f, g):
-        logw = torch.full(g.shape, float("-inf"), dtype=torch.float64)
-        change = torch.zeros(f.shape[0], dtype=torch.float64)
+        logw = torch.full(g.shape, float("-inf"), dtype=torch.float64, device=self.device)
+        change = torch.zeros(f.shape[0], dtype=torch.float64, device=self.device)
         for lo, hi, p in mat.blocks(self.inner):
             fb = f[:, lo:hi].contiguous()
             lw, cb = self.inner.log_pass(p.mat, log_a[lo:hi].contiguous(), fb, g)
@@ -139,7 +219,7 @@ class ChunkedBackend:
 
     def labels(self, mat: Streamed, log_v, linear):
         h, n, _ = mat.shape
-        out = torch.empty(h, n, dtype=torch.long)
+        out = torch.empty(h, n, dtype=torch.long, device=self.device)
         for lo, hi, p in mat.blocks(self.inner):
             out[:, lo:hi] = self.inner.labels(p.mat, log_v, linear)
         return out

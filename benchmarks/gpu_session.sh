@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one device call (the device tool lends ~15 minutes a
+# session): build, GPU tests, then the GPU benchmarks, each under its own time limit, logs
+# and result JSON under $OUT. Run from the repository root:
+#     bash benchmarks/gpu_session.sh            # OUT defaults to gpu-out/
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print its tail
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "== $name: rc=$? in $((SECONDS - t0))s"
+    tail -n 12 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+step install 180 pip install --no-build-isolation --no-deps -e .
+step tests 200 python -m pytest -q -x tests/test_triton_kernels.py tests/test_front.py
+step bench_stream 120 python benchmarks/bench_stream.py
+step bench_gpu 120 python benchmarks/bench_gpu.py
+step bench_implicit 120 python benchmarks/bench_implicit.py --device cuda --iters 2 7
+cp benchmarks/results/*.json "$OUT/" 2>/dev/null
