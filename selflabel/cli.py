@@ -15,7 +15,7 @@ def _label(args: argparse.Namespace) -> int:
     res = sinkhorn_knopp(
         args.scores, lamb=args.lamb, kind=args.kind, dtype=args.dtype, algorithm=args.algorithm,
         backend=args.backend, tol=args.tol, max_iter=args.max_iter, progress=not args.quiet,
-        memory_budget=args.memory_budget,
+        memory_budget=args.memory_budget, device=args.device,
     )
     labels = res.labels.cpu().numpy()
     save_npy(args.out, labels)
@@ -69,7 +69,7 @@ def _add_train(sub) -> None:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--lrdrop", type=int, default=None, help="divide the learning rate by 10 every this many epochs")
-    t.add_argument("--wd", type=float, default=1e-5, help="weight decay")
+    t.add_argument("--wd", type=float, default=None, help="weight decay (digits SeLa: 1e-4, else 1e-5)")
     t.add_argument("--nopts", type=int, default=None, help="SeLa label updates over the run (quadratic spacing)")
     t.add_argument("--lamb", type=float, default=None, help="Sinkhorn lambda (SeLa: 25; CARP eval labelling: 1)")
     t.add_argument("--dtype", choices=["f32", "f64"], default="f64", help="solver precision")
@@ -83,9 +83,10 @@ def _add_train(sub) -> None:
                    help="SeLa: label from features x head weights without storing the N x K scores")
     t.add_argument("--memory-budget", default=None,
                    help="SeLa: write scores to OUT/ and stream them within this budget, e.g. 1GB")
-    t.add_argument("--carp-block", type=int, default=None, help="CARP: prototypes per random block")
+    t.add_argument("--carp-block", type=int, default=None,
+                   help="CARP: prototypes per random block (digits: all K; else K//2, or K//4 up to 512 from K=64)")
     t.add_argument("--carp-local", type=int, default=None, help="CARP: local views besides the two global ones")
-    t.add_argument("--carp-momentum", type=float, default=0.99, help="CARP: initial EMA momentum of the teacher")
+    t.add_argument("--carp-momentum", type=float, default=None, help="CARP: initial EMA momentum of the teacher")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after this epoch (the run's schedule is kept; --resume continues it)")
     t.add_argument("--no-tensorboard", action="store_true")
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--memory-budget", default=None,
                    help="stream the file in row blocks within this budget, e.g. 1GB (backend 'chunked')")
+    p.add_argument("--device", default=None,
+                   help="where to solve: cpu (default) or cuda; with --memory-budget the file streams to the GPU "
+                        "in row blocks and the budget is GPU memory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
 
