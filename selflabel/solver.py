@@ -128,7 +128,11 @@ def _device(device: str | torch.device | None, default: torch.device) -> torch.d
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
-        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+        current = torch.cuda.current_device()
+        if dev.index not in (None, current):  # the Triton kernels launch on the current device
+            raise ValueError(f"device={device!r} is not the current CUDA device (cuda:{current}); call "
+                             f"torch.cuda.set_device({dev.index}) or solve inside torch.cuda.device({dev.index})")
+        dev = torch.device("cuda", current)
     elif dev.type != "cpu":
         raise ValueError(f"device={device!r}: only 'cpu' and 'cuda' are supported")
     return dev

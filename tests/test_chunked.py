@@ -207,3 +207,16 @@ def test_callable_source_rejects_changing_heads():
     passes = iter([[torch.randn(2, 5, 3)], [torch.randn(2, 5, 3)]] + [[torch.randn(5, 3)]] * 50)
     with pytest.raises(ValueError, match="later pass"):
         sl.sinkhorn_knopp(lambda: iter(next(passes)), backend="chunked", tol=0, max_iter=3)
+
+
+def test_device_feed_splits_blocks_longer_than_its_buffers():
+    from selflabel.backends.chunked import DeviceFeed
+
+    feed = DeviceFeed(torch.device("cpu"), (2, 23, 3), rows=4, dtype=torch.float32)
+    x = torch.arange(2 * 23 * 3, dtype=torch.float32).view(2, 23, 3)
+    spans = [(0, 9), (9, 10), (10, 23)]  # a chunk function's own block sizes
+    got = list(feed._split((lo, hi, x[:, lo:hi]) for lo, hi in spans))
+    assert [(lo, hi) for lo, hi, _ in got] == [(0, 4), (4, 8), (8, 9), (9, 10), (10, 14), (14, 18), (18, 22),
+                                               (22, 23)]
+    for lo, hi, block in got:
+        assert torch.equal(block, x[:, lo:hi])

@@ -199,7 +199,8 @@ def test_implicit_triton_rejects_bad_input():
 # interpreter); on a GPU the real pinned buffers, copy stream and events run.
 @pytest.mark.parametrize("source,dtype,algorithm", [
     ("npy", torch.float64, "scaling"), ("npy", torch.float32, "log"), ("tensor", torch.float32, "scaling"),
-    ("tensor", torch.float64, "log"), ("half", torch.float32, "log"), ("pinned", torch.float32, "scaling")])
+    ("tensor", torch.float64, "log"), ("half", torch.float32, "log"), ("pinned", torch.float32, "scaling"),
+    ("callable", torch.float64, "log")])
 def test_chunked_through_triton_passes(tmp_path, monkeypatch, algorithm, dtype, source):
     import numpy as np
 
@@ -214,7 +215,8 @@ def test_chunked_through_triton_passes(tmp_path, monkeypatch, algorithm, dtype, 
                          seed=3).view(h, n, k)
     if source == "half":
         scores = scores.half().double()  # the solve below reads float16 storage: compare on the same values
-    host = {"npy": scores, "tensor": scores.to(dtype), "pinned": scores.to(dtype), "half": scores.half()}[source]
+    host = {"npy": scores, "tensor": scores.to(dtype), "pinned": scores.to(dtype), "half": scores.half(),
+            "callable": scores}[source]
     if source == "pinned":
         if not ON_GPU:
             pytest.skip("pinned host memory needs CUDA")
@@ -223,6 +225,9 @@ def test_chunked_through_triton_passes(tmp_path, monkeypatch, algorithm, dtype, 
         np.save(tmp_path / "s.npy", host.numpy())
         host = str(tmp_path / "s.npy")
     rows = 10 if not ON_GPU else 65_536  # ragged last block either way
+    if source == "callable":  # the user's blocks are longer than the budget's: the GPU feed splits them
+        step = 2 * rows + 3
+        host = lambda: (scores[:, lo:lo + step] for lo in range(0, n, step))  # noqa: E731
     budget = chunked.budget_for_rows(make_source(host), dtype, rows)
     opts = dict(kind="probs", lamb=10.0, algorithm=algorithm, dtype=dtype, tol=0, max_iter=12)
     got = sl.sinkhorn_knopp(host, backend="chunked", memory_budget=budget, device=DEV, **opts)

@@ -65,7 +65,7 @@ class Streamed:
         expo = self.exponentiate if exponentiate is None else exponentiate
         n = self.shape[1]
         with tqdm(total=n, disable=not self.progress, desc="pass", unit="row", unit_scale=True, leave=False) as bar:
-            for lo, hi, block in self.feed(self.source.blocks(self.rows)):
+            for lo, hi, block in self.feed(self.source.blocks(self.rows), isinstance(self.source, TensorSource)):
                 yield lo, hi, inner.prepare(block.to(self.dtype).contiguous(), self.lamb, self.probs, expo)
                 bar.update(hi - lo)
 
@@ -77,52 +77,67 @@ class DeviceFeed:
     then sent by a side stream into device buffer i % 2 with a non-blocking copy; the
     compute stream waits for that copy only, and the copy of block i+2 into the same
     buffers waits for the kernels that read block i. So while the GPU computes block i,
-    the host stages block i+1 and the copy engine moves it. Blocks already pinned (a
-    pinned source tensor) skip the staging copy; blocks already on the device pass through.
-    Any other device (CPU): blocks pass through unchanged.
+    the host stages block i+1 and the copy engine moves it. Blocks of a pinned source
+    tensor skip the staging copy (one copy per head); blocks already on the device pass
+    through; blocks longer than ``rows`` (a chunk function's) are split.
+    CPU: blocks are moved to the CPU if needed and otherwise pass through.
     """
 
     def __init__(self, device: torch.device, shape: tuple[int, int, int], rows: int, dtype: torch.dtype) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            h, _, k = shape
-            self._shape, self._dtype = (h, rows, k), dtype
-            self._host: list[torch.Tensor | None] = [None, None]  # allocated on first use
-            self._dev = [torch.empty((h, rows, k), dtype=dtype, device=device) for _ in range(2)]
+        self.device, self.rows, self.dtype = device, rows, dtype
+        h, _, k = shape
+        self._hk = (h, k)
+        self._host: list[torch.Tensor | None] = [None, None]  # allocated on first use
+        self._dev: list[torch.Tensor | None] = [None, None]
+        if device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(device)
             self._copied = [torch.cuda.Event() for _ in range(2)]
             self._consumed = [torch.cuda.Event() for _ in range(2)]
 
-    def _staged(self, slot: int, block: torch.Tensor) -> torch.Tensor:
-        if block.is_pinned() and block.is_contiguous():
-            return block
-        if self._host[slot] is None:
-            self._host[slot] = torch.empty(self._shape, dtype=self._dtype, pin_memory=True)
-        self._copied[slot].synchronize()  # the copy that last read this staging buffer is done
-        host = self._host[slot][:, : block.shape[1]]
-        host.copy_(block)
-        return host
+    def _buffer(self, which: list, slot: int, rows: int, **where) -> torch.Tensor:
+        """The first ``rows`` rows of a (H, self.rows, K) buffer, as a contiguous (H, rows, K) view."""
+        h, k = self._hk
+        if which[slot] is None:
+            which[slot] = torch.empty(h * self.rows * k, dtype=self.dtype, **where)
+        return which[slot][: h * rows * k].view(h, rows, k)
 
-    def __call__(self, blocks):
-        if not self.cuda:
-            yield from blocks
+    def _split(self, blocks):
+        for lo, hi, block in blocks:
+            for start in range(0, hi - lo, self.rows):
+                stop = min(hi - lo, start + self.rows)
+                yield lo + start, lo + stop, block[:, start:stop] if (start, stop) != (0, hi - lo) else block
+
+    def __call__(self, blocks, stable: bool):
+        """``stable``: the source's blocks stay valid after the next one is drawn (a tensor source),
+        so a pinned one may be copied asynchronously without staging."""
+        if self.device.type != "cuda":
+            for lo, hi, block in blocks:
+                yield lo, hi, block.to(self.device)
             return
         compute = torch.cuda.current_stream(self.device)
-        for i, (lo, hi, block) in enumerate(blocks):
+        for i, (lo, hi, block) in enumerate(self._split(blocks)):
             if block.device == self.device:
                 yield lo, hi, block
                 continue
-            slot = i % 2
-            src = self._staged(slot, block.to(self._dtype))
-            dst = self._dev[slot][:, : hi - lo]
+            slot, r = i % 2, hi - lo
+            block = block.to(self.dtype)
+            direct = stable and block.is_pinned() and all(block[j].is_contiguous() for j in range(block.shape[0]))
+            if not direct:
+                self._copied[slot].synchronize()  # the copy that last read this staging buffer is done
+                staged = self._buffer(self._host, slot, r, pin_memory=True)
+                staged.copy_(block)
+                block = staged
+            dst = self._buffer(self._dev, slot, r, device=self.device)
             with torch.cuda.stream(self._copy_stream):
                 self._copy_stream.wait_event(self._consumed[slot])  # kernels on block i-2 are done with dst
-                dst.copy_(src, non_blocking=True)
+                for j in range(block.shape[0]):  # per head: each slice is contiguous
+                    dst[j].copy_(block[j], non_blocking=True)
                 self._copied[slot].record(self._copy_stream)
             compute.wait_event(self._copied[slot])
-            yield lo, hi, dst
-            self._consumed[slot].record(compute)  # the caller has queued all its work on this block
+            try:
+                yield lo, hi, dst
+            finally:  # also when the pass stops early: the next pass must not overwrite dst under a kernel
+                self._consumed[slot].record(compute)
 
 
 def _costs(source, dtype: torch.dtype) -> tuple[int, int]:
@@ -174,7 +189,10 @@ class ChunkedBackend:
     name = "chunked"
 
     def __init__(self, rows: int, progress: bool = False, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.inner = inner_backend(self.device)
         self.rows, self.progress = rows, progress
         self._feed: DeviceFeed | None = None
