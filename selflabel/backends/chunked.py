@@ -105,7 +105,7 @@ class DeviceFeed:
         for lo, hi, block in blocks:
             for start in range(0, hi - lo, self.rows):
                 stop = min(hi - lo, start + self.rows)
-                yield lo + start, lo + stop, block[:, start:stop] if (start, stop) != (0, hi - lo) else block
+                yield lo + start, lo + stop, block[:, start:stop]  # a view: pinned and device stay as they were
 
     def __call__(self, blocks, stable: bool):
         """``stable``: the source's blocks stay valid after the next one is drawn (a tensor source),
