@@ -2,15 +2,17 @@
 //
 // Every kernel takes a batch of H heads: the kernel matrix is (H, N, K), row
 // quantities are (H, N), column quantities are (H, K), all contiguous and of the
-// matrix dtype (float32 or float64). Rows are split across threads with
-// at::parallel_for; column reductions go to one partial buffer per thread
-// (accumulated in double) that is reduced after the parallel region, so each
-// iteration reads the matrix from memory exactly once.
+// matrix dtype (float32 or float64). Rows are cut into chunks (RowChunks) that
+// the threads of an at::parallel_for take one at a time; column reductions go to
+// one partial buffer per chunk (accumulated in double) that is reduced in chunk
+// order after the parallel region, so each iteration reads the matrix from memory
+// exactly once and results do not depend on the number of threads.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -46,14 +48,42 @@ void check_vector(const at::Tensor& t, const at::Tensor& m, int64_t len, const c
   }
 }
 
-int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)); }
+// Rows [0, N) cut into at most kMaxChunks chunks of at least kMinChunkRows rows,
+// a split that depends on N only. The threads take chunks from an atomic counter,
+// so a thread that shares its core (with a noisy neighbour) does fewer chunks
+// instead of stalling the whole pass. `threads` (> 0) caps the workers below
+// at::get_num_threads(): the chunked solver leaves a core to its file reader.
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMinChunkRows = 64;
 
-// One K-long partial per thread, reduced after the parallel region.
+class RowChunks {
+ public:
+  RowChunks(int64_t N, int64_t threads)
+      : N_(N),
+        rows_(std::max(kMinChunkRows, (N + kMaxChunks - 1) / kMaxChunks)),
+        count_((N + rows_ - 1) / rows_),
+        threads_(threads > 0 ? std::min<int64_t>(threads, at::get_num_threads()) : at::get_num_threads()) {}
+  int64_t count() const { return count_; }
+  // f(chunk, begin, end) once per chunk, in parallel.
+  template <typename F>
+  void run(const F& f) const {
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min(threads_, count_);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t c = next++; c < count_; c = next++) f(c, c * rows_, std::min(N_, (c + 1) * rows_));
+    });
+  }
+
+ private:
+  int64_t N_, rows_, count_, threads_;
+};
+
+// One K-long partial per chunk, reduced in chunk order after the parallel region.
 class ColumnPartials {
  public:
-  ColumnPartials(int64_t K, acc_t init)
-      : K_(K), data_(static_cast<size_t>(at::get_num_threads()) * K, init) {}
-  acc_t* slot() { return data_.data() + static_cast<size_t>(at::get_thread_num()) * K_; }
+  ColumnPartials(const RowChunks& chunks, int64_t K, acc_t init)
+      : K_(K), data_(static_cast<size_t>(chunks.count()) * K, init) {}
+  acc_t* slot(int64_t chunk) { return data_.data() + static_cast<size_t>(chunk) * K_; }
   template <typename Op>
   std::vector<acc_t> reduce(acc_t init, Op op) const {
     std::vector<acc_t> out(K_, init);
@@ -67,11 +97,11 @@ class ColumnPartials {
   std::vector<acc_t> data_;
 };
 
-// One scalar per thread, summed after the parallel region.
-class ThreadSum {
+// One scalar per chunk, summed in chunk order after the parallel region.
+class ChunkSum {
  public:
-  ThreadSum() : data_(at::get_num_threads(), 0.0) {}
-  void add(acc_t x) { data_[at::get_thread_num()] += x; }
+  explicit ChunkSum(const RowChunks& chunks) : data_(chunks.count(), 0.0) {}
+  void set(int64_t chunk, acc_t x) { data_[chunk] = x; }
   acc_t total() const {
     acc_t s = 0;
     for (acc_t x : data_) s += x;
@@ -86,7 +116,7 @@ acc_t max_op(acc_t x, acc_t y) { return std::max(x, y); }
 acc_t sum_op(acc_t x, acc_t y) { return x + y; }
 
 // Each kernel is a row-range function on plain pointers (what one thread does
-// with its rows), wrapped in a per-head at::parallel_for. Plain pointer
+// with one chunk of rows), run per head over RowChunks. Plain pointer
 // arguments keep GCC's vectoriser from reloading lambda captures per element.
 //
 // Accumulation: products are summed in scalar_t over short runs (column tiles
@@ -96,6 +126,65 @@ acc_t sum_op(acc_t x, acc_t y) { return x + y; }
 constexpr int64_t kRows = 4;  // rows per group in the scaling pass
 constexpr int64_t kTile = 512;
 constexpr int64_t kFlushRows = 64;
+
+// Where a pass finds row i of its kernel matrix. `row(i, scratch)` returns a
+// pointer to its K values; `data(i)` is the memory the row is made from (for
+// prefetching).
+//   StoredRows: a materialised kernel matrix (the in-memory solver).
+//   ScoreRows: raw scores; the kernel row lamb * (x_i - m_i) (x = log S for
+//     probabilities, m the row shift from `prepare`), exponentiated for the scaling
+//     form, is recomputed into a per-thread scratch row right before use, so the
+//     chunked solver never writes a kernel matrix: one read of the scores per pass.
+template <typename T>
+struct StoredRows {
+  const T* M;
+  int64_t K;
+  const T* row(int64_t i, T* /*scratch*/) const { return M + i * K; }
+  const T* data(int64_t i) const { return M + i * K; }
+};
+
+template <typename T>
+struct ScoreRows {
+  const T* S;
+  const T* shift;
+  int64_t K;
+  T lam;
+  bool probs;
+  bool expo;
+  const T* row(int64_t i, T* __restrict__ o) const {
+    const T* __restrict__ s = S + i * K;
+    const T m = shift[i];
+    if (probs) {
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) o[j] = lam * (vlog(s[j]) - m);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) o[j] = lam * (s[j] - m);
+    }
+    if (expo) {
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) o[j] = vexp(o[j]);
+    }
+    return o;
+  }
+  const T* data(int64_t i) const { return S + i * K; }
+};
+
+// Calls fn(rows_of) where rows_of(h) is head h's row provider over `mat` (H, N, K):
+// stored kernel rows, or score rows shifted by `shift` (H, N) when it is given.
+template <typename T, typename Fn>
+void with_rows(const at::Tensor& mat, const c10::optional<at::Tensor>& shift, double lamb, bool probs,
+               bool expo, Fn fn) {
+  const int64_t N = mat.size(1), K = mat.size(2);
+  const T* base = mat.data_ptr<T>();
+  if (shift.has_value()) {
+    const T* sh = shift->data_ptr<T>();
+    const T lam = static_cast<T>(lamb);
+    fn([=](int64_t h) { return ScoreRows<T>{base + h * N * K, sh + h * N, K, lam, probs, expo}; });
+  } else {
+    fn([=](int64_t h) { return StoredRows<T>{base + h * N * K, K}; });
+  }
+}
 
 // ---------------------------------------------------------------------------
 // prepare: scores -> kernel matrix, one read of S and one write of the output.
@@ -141,7 +230,7 @@ void prepare_rows(const T* __restrict__ S, T* __restrict__ O, T* rmax, double* r
 
 template <typename scalar_t>
 void prepare_impl(const at::Tensor& scores, double lamb, bool probs, bool exponentiate, at::Tensor& out,
-                  at::Tensor& rowmax, at::Tensor& colmax, at::Tensor& rowsum, at::Tensor& rowmin) {
+                  at::Tensor& rowmax, at::Tensor& colmax, at::Tensor& rowsum, at::Tensor& rowmin, int64_t threads) {
   const int64_t H = scores.size(0), N = scores.size(1), K = scores.size(2);
   for (int64_t h = 0; h < H; ++h) {
     const scalar_t* S = scores.data_ptr<scalar_t>() + h * N * K;
@@ -149,9 +238,10 @@ void prepare_impl(const at::Tensor& scores, double lamb, bool probs, bool expone
     scalar_t* rmax = rowmax.data_ptr<scalar_t>() + h * N;
     double* rsum = rowsum.data_ptr<double>() + h * N;
     double* rmin = rowmin.data_ptr<double>() + h * N;
-    ColumnPartials cmax(K, -kInf);
-    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
-      prepare_rows<scalar_t>(S, O, rmax, rsum, rmin, cmax.slot(), begin, end, K,
+    const RowChunks chunks(N, threads);
+    ColumnPartials cmax(chunks, K, -kInf);
+    chunks.run([&](int64_t c, int64_t begin, int64_t end) {
+      prepare_rows<scalar_t>(S, O, rmax, rsum, rmin, cmax.slot(c), begin, end, K,
                              static_cast<scalar_t>(lamb), probs, exponentiate);
     });
     const std::vector<acc_t> c = cmax.reduce(-kInf, max_op);
@@ -197,10 +287,11 @@ inline void row_dots(const T* const* rows, int64_t nr, const T* __restrict__ v, 
 }
 
 // Rows [begin, end): u_i <- a_i / (M_i . v); wp += sum_i u_i M_i. Returns sum_i |u_old/u_new - 1|.
-template <typename T>
-acc_t scaling_rows(const T* __restrict__ M, const T* __restrict__ A, T* __restrict__ U,
-                   const T* __restrict__ V, acc_t* __restrict__ wp, int64_t begin, int64_t end, int64_t K) {
+template <typename T, typename Rows>
+acc_t scaling_rows(const Rows& src, const T* __restrict__ A, T* __restrict__ U, const T* __restrict__ V,
+                   acc_t* __restrict__ wp, int64_t begin, int64_t end, int64_t K) {
   std::vector<T> wb_buf(K, T(0));  // short-run column partial
+  std::vector<T> scratch(kRows * K);  // recomputed rows (ScoreRows only)
   T* __restrict__ wb = wb_buf.data();
   acc_t change = 0;
   int64_t since_flush = 0;
@@ -208,7 +299,7 @@ acc_t scaling_rows(const T* __restrict__ M, const T* __restrict__ A, T* __restri
     const int64_t nr = std::min(kRows, end - i);
     // A ragged last group repeats its last row with weight 0.
     const T* rows[kRows];
-    for (int64_t r = 0; r < kRows; ++r) rows[r] = M + (i + std::min(r, nr - 1)) * K;
+    for (int64_t r = 0; r < kRows; ++r) rows[r] = r < nr ? src.row(i + r, scratch.data() + r * K) : rows[nr - 1];
     acc_t t[kRows];
     row_dots<T>(rows, nr, V, K, t);
     T us[kRows] = {0, 0, 0, 0};
@@ -223,7 +314,7 @@ acc_t scaling_rows(const T* __restrict__ M, const T* __restrict__ A, T* __restri
     // The column update runs from cache; meanwhile prefetch the next group's rows
     // so memory stays busy (one cache line of each next row per chunk).
     const int64_t next_rows = std::min(kRows, end - (i + kRows));
-    const T* next = M + (i + kRows) * K;
+    const T* next = next_rows > 0 ? src.data(i + kRows) : nullptr;
     constexpr int64_t kChunk = 64 / sizeof(T);
     for (int64_t j0 = 0; j0 < K; j0 += kChunk) {
       for (int64_t r = 0; r < next_rows; ++r) __builtin_prefetch(next + r * K + j0, 0, 3);
@@ -244,19 +335,20 @@ acc_t scaling_rows(const T* __restrict__ M, const T* __restrict__ A, T* __restri
   return change;
 }
 
-template <typename scalar_t>
-void scaling_pass_impl(const at::Tensor& M, const at::Tensor& a, at::Tensor& u, const at::Tensor& v,
-                       at::Tensor& w, at::Tensor& change) {
+template <typename scalar_t, typename RowsOf>
+void scaling_pass_impl(const at::Tensor& M, RowsOf rows_of, const at::Tensor& a, at::Tensor& u,
+                       const at::Tensor& v, at::Tensor& w, at::Tensor& change, int64_t threads) {
   const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
   const scalar_t* A = a.data_ptr<scalar_t>();
   for (int64_t h = 0; h < H; ++h) {
-    const scalar_t* Mh = M.data_ptr<scalar_t>() + h * N * K;
+    const auto rows = rows_of(h);
     scalar_t* U = u.data_ptr<scalar_t>() + h * N;
     const scalar_t* V = v.data_ptr<scalar_t>() + h * K;
-    ColumnPartials wpart(K, 0.0);
-    ThreadSum chg;
-    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
-      chg.add(scaling_rows<scalar_t>(Mh, A, U, V, wpart.slot(), begin, end, K));
+    const RowChunks chunks(N, threads);
+    ColumnPartials wpart(chunks, K, 0.0);
+    ChunkSum chg(chunks);
+    chunks.run([&](int64_t c, int64_t begin, int64_t end) {
+      chg.set(c, scaling_rows<scalar_t>(rows, A, U, V, wpart.slot(c), begin, end, K));
     });
     const std::vector<acc_t> ws = wpart.reduce(0.0, sum_op);
     std::copy(ws.begin(), ws.end(), w.data_ptr<scalar_t>() + h * K);
@@ -270,18 +362,18 @@ void scaling_pass_impl(const at::Tensor& M, const at::Tensor& a, at::Tensor& u, 
 // Rows [begin, end): f_i <- log a_i - LSE_j(L_ij + g_j); wp += sum_i alpha_i e_ij and
 // mp = max(mp, log(alpha_i e_ij)) with e_ij = exp(L_ij + g_j - r_i), alpha_i = a_i / s_i.
 // Returns sum_i |exp(f_old - f_new) - 1|.
-template <typename T>
-acc_t log_rows(const T* __restrict__ L, const T* __restrict__ LA, T* __restrict__ F, const T* __restrict__ G,
+template <typename T, typename Rows>
+acc_t log_rows(const Rows& src, const T* __restrict__ LA, T* __restrict__ F, const T* __restrict__ G,
                acc_t* __restrict__ wp, acc_t* __restrict__ mp, int64_t begin, int64_t end, int64_t K) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  std::vector<T> e_buf(K), wb_buf(K, T(0)), mb_buf(K, kNegInf);
+  std::vector<T> e_buf(K), wb_buf(K, T(0)), mb_buf(K, kNegInf), scratch(K);
   T* __restrict__ e = e_buf.data();
   T* __restrict__ wb = wb_buf.data();
   T* __restrict__ mb = mb_buf.data();
   acc_t change = 0;
   int64_t since_flush = 0;
   for (int64_t i = begin; i < end; ++i) {
-    const T* __restrict__ row = L + i * K;
+    const T* __restrict__ row = src.row(i, scratch.data());
     T r = kNegInf;
 #pragma omp simd reduction(max : r)
     for (int64_t j = 0; j < K; ++j) r = vmax(r, row[j] + G[j]);
@@ -320,22 +412,23 @@ acc_t log_rows(const T* __restrict__ L, const T* __restrict__ LA, T* __restrict_
   return change;
 }
 
-template <typename scalar_t>
-void log_pass_impl(const at::Tensor& L, const at::Tensor& log_a, at::Tensor& f, const at::Tensor& g,
-                   at::Tensor& logw, at::Tensor& change) {
+template <typename scalar_t, typename RowsOf>
+void log_pass_impl(const at::Tensor& L, RowsOf rows_of, const at::Tensor& log_a, at::Tensor& f,
+                   const at::Tensor& g, at::Tensor& logw, at::Tensor& change, int64_t threads) {
   const int64_t H = L.size(0), N = L.size(1), K = L.size(2);
   const scalar_t* LA = log_a.data_ptr<scalar_t>();
   // Below this the column sum may be dominated by flushed-to-zero terms: use the max.
   const acc_t tiny = std::numeric_limits<scalar_t>::min() * acc_t(1e8);
   for (int64_t h = 0; h < H; ++h) {
-    const scalar_t* Lh = L.data_ptr<scalar_t>() + h * N * K;
+    const auto rows = rows_of(h);
     scalar_t* F = f.data_ptr<scalar_t>() + h * N;
     const scalar_t* G = g.data_ptr<scalar_t>() + h * K;
-    ColumnPartials wpart(K, 0.0);
-    ColumnPartials mpart(K, -kInf);
-    ThreadSum chg;
-    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
-      chg.add(log_rows<scalar_t>(Lh, LA, F, G, wpart.slot(), mpart.slot(), begin, end, K));
+    const RowChunks chunks(N, threads);
+    ColumnPartials wpart(chunks, K, 0.0);
+    ColumnPartials mpart(chunks, K, -kInf);
+    ChunkSum chg(chunks);
+    chunks.run([&](int64_t c, int64_t begin, int64_t end) {
+      chg.set(c, log_rows<scalar_t>(rows, LA, F, G, wpart.slot(c), mpart.slot(c), begin, end, K));
     });
     const std::vector<acc_t> ws = wpart.reduce(0.0, sum_op);
     const std::vector<acc_t> ms = mpart.reduce(-kInf, max_op);
@@ -348,11 +441,12 @@ void log_pass_impl(const at::Tensor& L, const at::Tensor& log_a, at::Tensor& f, 
 // ---------------------------------------------------------------------------
 // labels: argmax_j of M_ij * v_j (linear) or L_ij + g_j (log), first index on ties.
 // ---------------------------------------------------------------------------
-template <typename T>
-void label_rows(const T* __restrict__ X, const T* __restrict__ col, bool linear, int64_t* O, int64_t begin,
+template <typename T, typename Rows>
+void label_rows(const Rows& src, const T* __restrict__ col, bool linear, int64_t* O, int64_t begin,
                 int64_t end, int64_t K) {
+  std::vector<T> scratch(K);
   for (int64_t i = begin; i < end; ++i) {
-    const T* __restrict__ row = X + i * K;
+    const T* __restrict__ row = src.row(i, scratch.data());
     int64_t best = 0;
     T bv = linear ? row[0] * col[0] : row[0] + col[0];
     for (int64_t j = 1; j < K; ++j) {
@@ -366,17 +460,18 @@ void label_rows(const T* __restrict__ X, const T* __restrict__ col, bool linear,
   }
 }
 
-template <typename scalar_t>
-void labels_impl(const at::Tensor& mat, const at::Tensor& log_v, bool linear, at::Tensor& out) {
+template <typename scalar_t, typename RowsOf>
+void labels_impl(const at::Tensor& mat, RowsOf rows_of, const at::Tensor& log_v, bool linear, at::Tensor& out,
+                 int64_t threads) {
   const int64_t H = mat.size(0), N = mat.size(1), K = mat.size(2);
   for (int64_t h = 0; h < H; ++h) {
-    const scalar_t* X = mat.data_ptr<scalar_t>() + h * N * K;
+    const auto rows = rows_of(h);
     const scalar_t* LV = log_v.data_ptr<scalar_t>() + h * K;
     std::vector<scalar_t> col(K);
     for (int64_t j = 0; j < K; ++j) col[j] = linear ? std::exp(LV[j]) : LV[j];
     int64_t* O = out.data_ptr<int64_t>() + h * N;
-    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
-      label_rows<scalar_t>(X, col.data(), linear, O, begin, end, K);
+    RowChunks(N, threads).run([&](int64_t, int64_t begin, int64_t end) {
+      label_rows<scalar_t>(rows, col.data(), linear, O, begin, end, K);
     });
   }
 }
@@ -391,14 +486,22 @@ void elementwise_impl(const at::Tensor& x, at::Tensor& y) {
 }
 
 // ----------------------------- bindings ------------------------------------
+// Every pass takes `threads`: at most that many worker threads (0: all of torch's).
+
+void check_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0, "threads must be >= 0 (0 uses all of torch's intra-op threads), got ", threads);
+}
+
 
 // x = log(S) for probabilities, S otherwise; m_i = max_j x_ij;
 // out_ij = lamb * (x_ij - m_i) (log kernel) or exp of it (exponentiate: scaling kernel).
 // Returns {out (H,N,K), m (H,N), column max of lamb*(x - m) (H,K),
 //          raw row sum (H,N) double, raw row min (H,N) double}.
-std::vector<at::Tensor> prepare(const at::Tensor& scores_in, double lamb, bool probs, bool exponentiate) {
+std::vector<at::Tensor> prepare(const at::Tensor& scores_in, double lamb, bool probs, bool exponentiate,
+                                int64_t threads) {
   check_matrix(scores_in, "scores");
   TORCH_CHECK(std::isfinite(lamb) && lamb > 0, "lamb must be a positive finite number, got ", lamb);
+  check_threads(threads);
   const at::Tensor scores = scores_in.contiguous();
   const int64_t H = scores.size(0), N = scores.size(1), K = scores.size(2);
   at::Tensor out = at::empty_like(scores);
@@ -408,26 +511,41 @@ std::vector<at::Tensor> prepare(const at::Tensor& scores_in, double lamb, bool p
   at::Tensor rowsum = at::empty({H, N}, dopt);
   at::Tensor rowmin = at::empty({H, N}, dopt);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "selflabel_prepare", [&] {
-    prepare_impl<scalar_t>(scores, lamb, probs, exponentiate, out, rowmax, colmax, rowsum, rowmin);
+    prepare_impl<scalar_t>(scores, lamb, probs, exponentiate, out, rowmax, colmax, rowsum, rowmin, threads);
   });
   return {out, rowmax, colmax, rowsum, rowmin};
+}
+
+// Score mode of the passes below: with `shift` (H, N) (the row max `prepare`
+// returned), the matrix argument holds the raw scores and each kernel row is
+// recomputed from them inside the pass (ScoreRows) with the same lamb and probs.
+void check_shift(const c10::optional<at::Tensor>& shift, const at::Tensor& m, double lamb) {
+  if (!shift.has_value()) return;
+  check_vector(*shift, m, m.size(1), "shift");
+  TORCH_CHECK(std::isfinite(lamb) && lamb > 0, "lamb must be a positive finite number when shift is given, got ",
+              lamb);
 }
 
 // Scaling form: per row t_i = sum_j M_ij v_j, u_i <- a_i / t_i; per column
 // w_j = sum_i M_ij u_i with the new u, from the same cache-resident row.
 // Updates u in place; returns {w (H,K), sum_i |u_old/u_new - 1| (H,) double}.
 std::vector<at::Tensor> scaling_pass(const at::Tensor& M, const at::Tensor& a, at::Tensor& u,
-                                     const at::Tensor& v) {
+                                     const at::Tensor& v, const c10::optional<at::Tensor>& shift, double lamb,
+                                     bool probs, int64_t threads) {
   check_matrix(M, "M");
   TORCH_CHECK(M.is_contiguous(), "M must be contiguous");
   const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
   check_vector(a, M, N, "a", /*per_head=*/false);
   check_vector(u, M, N, "u");
   check_vector(v, M, K, "v");
+  check_shift(shift, M, lamb);
+  check_threads(threads);
   at::Tensor w = at::empty({H, K}, M.options());
   at::Tensor change = at::empty({H}, M.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_scaling_pass",
-                             [&] { scaling_pass_impl<scalar_t>(M, a, u, v, w, change); });
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_scaling_pass", [&] {
+    with_rows<scalar_t>(M, shift, lamb, probs, /*expo=*/true,
+                        [&](auto rows_of) { scaling_pass_impl<scalar_t>(M, rows_of, a, u, v, w, change, threads); });
+  });
   return {w, change};
 }
 
@@ -440,27 +558,38 @@ std::vector<at::Tensor> scaling_pass(const at::Tensor& M, const at::Tensor& a, a
 // log N of the true value; the next iteration corrects it.
 // Updates f in place; returns {log W (H,K), sum_i |exp(f_old - f_new) - 1| (H,) double}.
 std::vector<at::Tensor> log_pass(const at::Tensor& L, const at::Tensor& log_a, at::Tensor& f,
-                                 const at::Tensor& g) {
+                                 const at::Tensor& g, const c10::optional<at::Tensor>& shift, double lamb,
+                                 bool probs, int64_t threads) {
   check_matrix(L, "L");
   TORCH_CHECK(L.is_contiguous(), "L must be contiguous");
   const int64_t H = L.size(0), N = L.size(1), K = L.size(2);
   check_vector(log_a, L, N, "log_a", /*per_head=*/false);
   check_vector(f, L, N, "f");
   check_vector(g, L, K, "g");
+  check_shift(shift, L, lamb);
+  check_threads(threads);
   at::Tensor logw = at::empty({H, K}, L.options());
   at::Tensor change = at::empty({H}, L.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "selflabel_log_pass",
-                             [&] { log_pass_impl<scalar_t>(L, log_a, f, g, logw, change); });
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "selflabel_log_pass", [&] {
+    with_rows<scalar_t>(L, shift, lamb, probs, /*expo=*/false,
+                        [&](auto rows_of) { log_pass_impl<scalar_t>(L, rows_of, log_a, f, g, logw, change, threads); });
+  });
   return {logw, change};
 }
 
-at::Tensor labels(const at::Tensor& mat, const at::Tensor& log_v, bool linear) {
+// In score mode `linear` also selects the kernel: exp(lamb (x - m)) when true, lamb (x - m) otherwise.
+at::Tensor labels(const at::Tensor& mat, const at::Tensor& log_v, bool linear,
+                  const c10::optional<at::Tensor>& shift, double lamb, bool probs, int64_t threads) {
   check_matrix(mat, "mat");
   TORCH_CHECK(mat.is_contiguous(), "mat must be contiguous");
   check_vector(log_v, mat, mat.size(2), "log_v");
+  check_shift(shift, mat, lamb);
+  check_threads(threads);
   at::Tensor out = at::empty({mat.size(0), mat.size(1)}, mat.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(mat.scalar_type(), "selflabel_labels",
-                             [&] { labels_impl<scalar_t>(mat, log_v, linear, out); });
+  AT_DISPATCH_FLOATING_TYPES(mat.scalar_type(), "selflabel_labels", [&] {
+    with_rows<scalar_t>(mat, shift, lamb, probs, /*expo=*/linear,
+                        [&](auto rows_of) { labels_impl<scalar_t>(mat, rows_of, log_v, linear, out, threads); });
+  });
   return out;
 }
 
@@ -486,13 +615,16 @@ at::Tensor vec_log(const at::Tensor& x_in) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selflabel fused CPU kernels (see csrc/sinkhorn.cpp)";
   m.def("prepare", &selflabel::prepare, "scores -> kernel matrix, row max, column max, row sum, row min",
-        py::arg("scores"), py::arg("lamb"), py::arg("probs"), py::arg("exponentiate"));
+        py::arg("scores"), py::arg("lamb"), py::arg("probs"), py::arg("exponentiate"), py::arg("threads") = 0);
   m.def("scaling_pass", &selflabel::scaling_pass, "one fused scaling-form iteration", py::arg("M"),
-        py::arg("a"), py::arg("u"), py::arg("v"));
+        py::arg("a"), py::arg("u"), py::arg("v"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
+        py::arg("probs") = false, py::arg("threads") = 0);
   m.def("log_pass", &selflabel::log_pass, "one fused log-domain iteration", py::arg("L"), py::arg("log_a"),
-        py::arg("f"), py::arg("g"));
+        py::arg("f"), py::arg("g"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
+        py::arg("probs") = false, py::arg("threads") = 0);
   m.def("labels", &selflabel::labels, "hard labels from the kernel matrix and column duals", py::arg("mat"),
-        py::arg("log_v"), py::arg("linear"));
+        py::arg("log_v"), py::arg("linear"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
+        py::arg("probs") = false, py::arg("threads") = 0);
   m.def("vec_exp", &selflabel::vec_exp, "vectorised exp used by the kernels", py::arg("x"));
   m.def("vec_log", &selflabel::vec_log, "vectorised log used by the kernels", py::arg("x"));
 }

@@ -60,10 +60,17 @@ class FeatureSource:
         self.itemsize = torch.tensor([], dtype=self.dtype).element_size()
         # per row: the feature reader's two D-wide buffers and the (H, K) block of scores
         self.storage_row_bytes = 2 * self.x.shape[2] * self.x.itemsize + h * k * self.itemsize
+        self._out: torch.Tensor | None = None  # the block buffer, kept across passes
 
     def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Each block is valid until the next one is drawn: one output buffer serves every
+        block of every pass (a fresh allocation per block would page-fault each time)."""
+        h, _, k = self.shape
+        if self._out is None or self._out.numel() != h * rows * k:
+            self._out = torch.empty(h * rows * k, dtype=self.dtype)
+        out = self._out
         for lo, hi, xb in self.x.blocks(rows):
-            s = torch.matmul(xb[0].to(self.dtype), self.w_t)  # (H, rows, K)
+            s = torch.matmul(xb[0].to(self.dtype), self.w_t, out=out[: h * (hi - lo) * k].view(h, hi - lo, k))
             if self.bias is not None:
                 s += self.bias
             yield lo, hi, s

@@ -59,6 +59,8 @@ class TensorSource:
 class NpyFileSource:
     """Rows of an (N, K) or (H, N, K) C-ordered float16/32/64 ``.npy`` file."""
 
+    reader_thread = True  # blocks are read ahead by a background thread
+
     def __init__(self, path: str, offset: int | None = None, shape: tuple | None = None,
                  dtype: np.dtype | None = None) -> None:
         if not os.path.exists(path):
@@ -86,6 +88,7 @@ class NpyFileSource:
         self.shape = tuple(shape) if len(shape) == 3 else (1, *shape)
         self.dtype = _STORAGE[dtype]
         self.itemsize = dtype.itemsize
+        self._bufs: list[np.ndarray] | None = None  # the reader's two block buffers, kept across passes
         need = offset + int(np.prod(self.shape)) * self.itemsize
         if os.path.getsize(path) < need:
             raise ValueError(f"scores: {path!r} is truncated ({os.path.getsize(path)} bytes, header says {need})")
@@ -126,7 +129,10 @@ class NpyFileSource:
 
     def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         h_count, n, k = self.shape
-        bufs = [np.empty((h_count, rows, k), dtype=self.np_dtype) for _ in range(2)]
+        if self._bufs is None or self._bufs[0].shape[1] != rows:
+            # kept for the next pass: fresh buffers would page-fault on every pass
+            self._bufs = [np.empty((h_count, rows, k), dtype=self.np_dtype) for _ in range(2)]
+        bufs = self._bufs
         self._drop = self.drop_pages()
         fd = os.open(self.path, os.O_RDONLY)
         reader = threading.Thread(target=lambda: None)

@@ -209,6 +209,38 @@ def test_callable_source_rejects_changing_heads():
         sl.sinkhorn_knopp(lambda: iter(next(passes)), backend="chunked", tol=0, max_iter=3)
 
 
+def test_later_passes_recompute_rows_inside_the_kernels(npy, monkeypatch):
+    """Only the first pass (row shifts) runs prepare, which writes a kernel block; the
+    iterations and the label pass hand the C++ kernels the raw blocks (ScoreBlock), and
+    a file source leaves one core to its reader thread."""
+    from selflabel.backends import ScoreBlock
+    from selflabel.backends.cpu import CpuBackend
+
+    calls = {"prepare": 0, "pass": 0, "threads": set()}
+    prepare, scaling_pass, labels = CpuBackend.prepare, CpuBackend.scaling_pass, CpuBackend.labels
+
+    def count_prepare(self, *args, **kw):
+        calls["prepare"] += 1
+        return prepare(self, *args, **kw)
+
+    def count_pass(fn):
+        def run(self, mat, *args, **kw):
+            assert isinstance(mat, ScoreBlock)
+            calls["pass"] += 1
+            calls["threads"].add(self.threads)
+            return fn(self, mat, *args, **kw)
+        return run
+
+    monkeypatch.setattr(CpuBackend, "prepare", count_prepare)
+    monkeypatch.setattr(CpuBackend, "scaling_pass", count_pass(scaling_pass))
+    monkeypatch.setattr(CpuBackend, "labels", count_pass(labels))
+    budget = budget_for_rows(NpyFileSource(npy), torch.float64, 250)  # 1003 rows: 5 blocks
+    sl.sinkhorn_knopp(npy, kind="probs", backend="chunked", memory_budget=budget, algorithm="scaling", tol=0,
+                      max_iter=3)
+    assert calls["prepare"] == 5 and calls["pass"] == 5 * 3 + 5
+    assert calls["threads"] == {max(1, torch.get_num_threads() - 1)}
+
+
 def test_device_feed_splits_blocks_longer_than_its_buffers():
     from selflabel.backends.chunked import DeviceFeed
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from selflabel import _C
+from selflabel.backends import ScoreBlock
 from selflabel.backends.cpu import CpuBackend
 from selflabel.backends.torch_ref import TorchBackend
 
@@ -95,6 +96,56 @@ def test_labels_first_index_on_ties():
     assert torch.equal(CpuBackend().labels(mat, torch.zeros(1, 6), False), torch.zeros(1, 4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+def test_score_blocks_recompute_the_prepared_kernel(shape, dtype, kind):
+    """Passes over a ScoreBlock (kernel rows recomputed from the scores and the row
+    shift, as the chunked backend runs them) equal passes over the prepared matrix."""
+    H, N, K = shape
+    s = torch.randn(shape, dtype=torch.float64) * 3
+    if kind == "probs":
+        s = torch.softmax(s, -1)
+    s, probs, be = s.to(dtype), kind == "probs", CpuBackend()
+    a = torch.rand(N, dtype=dtype) + 0.1
+    v, log_v = torch.rand(H, K, dtype=dtype) + 0.1, torch.randn(H, K, dtype=dtype)
+    u0, f0 = torch.rand(H, N, dtype=dtype) + 0.1, torch.randn(H, N, dtype=dtype)
+    tight = dict(rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+    for expo in (True, False):
+        p = be.prepare(s, 7.5, probs, expo)
+        block = ScoreBlock(s, p.rowmax, 7.5, probs)
+        if expo:
+            u1, u2 = u0.clone(), u0.clone()
+            outs = be.scaling_pass(p.mat, a, u1, v), be.scaling_pass(block, a, u2, v)
+            assert torch.allclose(u1, u2, **tight)
+        else:
+            f1, f2 = f0.clone(), f0.clone()
+            outs = be.log_pass(p.mat, a.log(), f1, log_v), be.log_pass(block, a.log(), f2, log_v)
+            assert torch.allclose(f1, f2, **tight)
+        for x, y in zip(*outs, strict=True):
+            assert torch.allclose(x, y, **tight)
+        assert torch.equal(be.labels(p.mat, log_v, expo), be.labels(block, log_v, expo))
+
+
+def test_passes_do_not_depend_on_the_thread_count():
+    """Rows are cut into chunks by N alone and column partials are reduced in chunk
+    order, so one worker thread gives the same bits as all of them."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs at least two intra-op threads to compare against one")
+    s = torch.randn(2, 5003, 301, dtype=torch.float32) * 3
+    a = torch.rand(5003) + 0.1
+    v, g = torch.rand(2, 301) + 0.1, torch.randn(2, 301)
+    runs = []
+    for be in (CpuBackend(threads=1), CpuBackend()):
+        p, lp = be.prepare(s, 9.0, False, True), be.prepare(s, 9.0, False, False)
+        u, f = torch.ones(2, 5003), torch.zeros(2, 5003)
+        w, cw = be.scaling_pass(p.mat, a, u, v)
+        lw, cf = be.log_pass(ScoreBlock(s, lp.rowmax, 9.0, False), a.log(), f, g)
+        runs.append([p.colmax, w, cw, u, lw, cf, f, be.labels(p.mat, v.log(), True)])
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("dtype,ulps", [(torch.float32, 2), (torch.float64, 4)])
 def test_vectorised_exp_and_log_accuracy(dtype, ulps):
     eps = torch.finfo(dtype).eps
@@ -126,3 +177,9 @@ def test_kernels_reject_bad_tensors():
         _C.scaling_pass(M, torch.rand(4).double(), torch.rand(1, 4), torch.rand(1, 3))
     with pytest.raises(RuntimeError, match="contiguous"):
         _C.log_pass(M, torch.rand(4), torch.rand(1, 4), torch.rand(1, 6)[:, ::2])
+    with pytest.raises(RuntimeError, match="shift must have shape"):
+        _C.scaling_pass(M, torch.rand(4), torch.rand(1, 4), torch.rand(1, 3), shift=torch.rand(1, 3), lamb=1.0)
+    with pytest.raises(RuntimeError, match="lamb must be a positive finite number when shift"):
+        _C.log_pass(M, torch.rand(4), torch.rand(1, 4), torch.rand(1, 3), shift=torch.rand(1, 4))
+    with pytest.raises(RuntimeError, match="threads must be >= 0"):
+        _C.labels(M, torch.rand(1, 3), True, threads=-1)

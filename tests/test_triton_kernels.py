@@ -209,7 +209,7 @@ def test_chunked_through_triton_passes(tmp_path, monkeypatch, algorithm, dtype, 
     from selflabel.source import make_source
 
     if not ON_GPU:
-        monkeypatch.setattr(chunked, "inner_backend", lambda device: TritonBackend())
+        monkeypatch.setattr(chunked, "inner_backend", lambda device, reader_thread=False: TritonBackend())
     n, k, h = (23, 7, 2) if not ON_GPU else (300_001, 1000, 2)
     scores = make_scores(n * h, k, kind="probs", temperature=2.0, dead=1, dead_margin=0.5, dtype=torch.float64,
                          seed=3).view(h, n, k)

@@ -22,6 +22,18 @@ class Prepared(NamedTuple):
     rowmin: torch.Tensor  # (H, N) float64: min_j of the raw scores (validation)
 
 
+class ScoreBlock(NamedTuple):
+    """Raw scores of a row block whose kernel rows the pass recomputes as it reads them
+    (backends with ``recomputes_rows = True``): lamb * (x - shift), exponentiated for the
+    scaling form and for linear labels, x = log(scores) for probabilities. Used by the
+    chunked backend so a pass never writes a block's kernel matrix."""
+
+    scores: torch.Tensor  # (H, n, K) in the compute dtype, contiguous
+    shift: torch.Tensor  # (H, n): the row max ``prepare`` returned for these rows
+    lamb: float
+    probs: bool
+
+
 class Backend(Protocol):
     name: str
 

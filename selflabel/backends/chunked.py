@@ -1,10 +1,12 @@
 """Chunked (out-of-core) backend: the score matrix is streamed in row blocks, one
 pass over the source per iteration, within a memory budget.
 
-Each block is turned into its kernel rows by the fused C++ ``prepare`` (row max,
-shift, exp) and passed through the same fused iteration as the in-memory solver,
-so per entry a pass costs one exp on top of the read; the column sums of the
-blocks are added up (log-sum-exp in the log domain). File sources are read by a
+The first pass computes the row shift (row max) of every row with the fused
+``prepare``. Later passes hand the C++ kernels the raw score block with its shift
+(a ``ScoreBlock``): each kernel row (shift, scale, exp) is recomputed into a
+per-thread scratch row inside the same fused iteration as the in-memory solver, so
+per entry a pass costs one read and one exp and writes nothing. The column sums of
+the blocks are added up (log-sum-exp in the log domain). File sources are read by a
 background thread into two reusable buffers while the previous block computes.
 
 On a CUDA device (``sinkhorn_knopp(..., device="cuda")``) the passes are the Triton
@@ -16,13 +18,13 @@ the device; only row blocks travel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ..source import CallableSource, NpyFileSource, TensorSource
-from . import Backend, Prepared
+from . import Backend, Prepared, ScoreBlock
 from .cpu import CpuBackend
 
 FIXED_OVERHEAD = 64 * 2**20  # allocator slack and small buffers, kept out of the block budget
@@ -52,6 +54,8 @@ class Streamed:
     dtype: torch.dtype
     feed: DeviceFeed
     progress: bool = False
+    shift: torch.Tensor | None = None  # (H, N) row max, known after the first pass
+    _cast: torch.Tensor | None = field(default=None, repr=False)  # reused dtype-conversion buffer
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -61,13 +65,31 @@ class Streamed:
     def device(self) -> torch.device:
         return self.feed.device
 
-    def blocks(self, inner: Backend, exponentiate: bool | None = None):
-        expo = self.exponentiate if exponentiate is None else exponentiate
+    def blocks(self):
+        """(lo, hi, scores (H, hi - lo, K)) in the compute dtype, contiguous, on the device; one pass."""
         n = self.shape[1]
         with tqdm(total=n, disable=not self.progress, desc="pass", unit="row", unit_scale=True, leave=False) as bar:
             for lo, hi, block in self.feed(self.source.blocks(self.rows), isinstance(self.source, TensorSource)):
-                yield lo, hi, inner.prepare(block.to(self.dtype).contiguous(), self.lamb, self.probs, expo)
+                yield lo, hi, self._in_compute_dtype(block)
                 bar.update(hi - lo)
+
+    def kernel_blocks(self, inner: Backend):
+        """(lo, hi, kernel rows of the block) for ``inner``'s passes: a ScoreBlock where the
+        backend recomputes rows itself (C++), else the block's kernel matrix from its prepare."""
+        lazy = self.shift is not None and getattr(inner, "recomputes_rows", False)
+        for lo, hi, block in self.blocks():
+            if lazy:
+                yield lo, hi, ScoreBlock(block, self.shift[:, lo:hi].contiguous(), self.lamb, self.probs)
+            else:
+                yield lo, hi, inner.prepare(block, self.lamb, self.probs, self.exponentiate).mat
+
+    def _in_compute_dtype(self, block: torch.Tensor) -> torch.Tensor:
+        if block.dtype == self.dtype and block.is_contiguous():
+            return block
+        h, r, k = block.shape  # r <= self.rows: the feed splits longer blocks
+        if self._cast is None:  # one buffer for all passes: a fresh one per block would page-fault each time
+            self._cast = torch.empty(h * self.rows * k, dtype=self.dtype, device=block.device)
+        return self._cast[: h * r * k].view(h, r, k).copy_(block)
 
 
 class DeviceFeed:
@@ -175,11 +197,14 @@ def budget_for_rows(source, dtype: torch.dtype, rows: int) -> int:
     return fixed + rows * per_row
 
 
-def inner_backend(device: torch.device) -> Backend:
+def inner_backend(device: torch.device, reader_thread: bool = False) -> Backend:
     """The in-memory backend that runs the passes over each block: fused C++ on CPU,
-    Triton on CUDA (plain torch where triton is missing)."""
+    Triton on CUDA (plain torch where triton is missing). ``reader_thread``: the source
+    reads the next block on a thread of its own; on CPU that thread keeps a core to
+    itself (a warm-cache pass is bound by that copy, and a compute thread sharing its
+    core slows it down)."""
     if device.type == "cpu":
-        return CpuBackend()
+        return CpuBackend(threads=max(1, torch.get_num_threads() - 1) if reader_thread else 0)
     from . import get_backend
 
     return get_backend("auto", device)
@@ -193,7 +218,7 @@ class ChunkedBackend:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self.inner = inner_backend(self.device)
+        self.inner: Backend | None = None  # chosen with the source, in prepare
         self.rows, self.progress = rows, progress
         self._feed: DeviceFeed | None = None
 
@@ -202,23 +227,26 @@ class ChunkedBackend:
         dtype, dev = source.compute_dtype, self.device
         if self._feed is None:  # one set of transfer buffers for every pass of this solve
             self._feed = DeviceFeed(dev, source.shape, self.rows, source.inner.dtype)
+            self.inner = inner_backend(dev, reader_thread=getattr(source.inner, "reader_thread", False))
         mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype, self._feed, self.progress)
         rowmax = torch.empty(h, n, dtype=dtype, device=dev)
         rowsum = torch.empty(h, n, dtype=torch.float64, device=dev)
         rowmin = torch.empty(h, n, dtype=torch.float64, device=dev)
         colmax = torch.full((h, k), float("-inf"), dtype=dtype, device=dev)
-        for lo, hi, p in mat.blocks(self.inner, exponentiate=False):
+        for lo, hi, block in mat.blocks():
+            p = self.inner.prepare(block, lamb, probs, exponentiate=False)
             rowmax[:, lo:hi], rowsum[:, lo:hi], rowmin[:, lo:hi] = p.rowmax, p.rowsum, p.rowmin
             torch.maximum(colmax, p.colmax, out=colmax)
+        mat.shift = rowmax
         return Prepared(mat, rowmax, colmax, rowsum, rowmin)
 
     # Column sums are combined across blocks in float64, as the kernel does within a block.
     def scaling_pass(self, mat: Streamed, a, u, v):
         w = torch.zeros(v.shape, dtype=torch.float64, device=self.device)
         change = torch.zeros(u.shape[0], dtype=torch.float64, device=self.device)
-        for lo, hi, p in mat.blocks(self.inner):
+        for lo, hi, kb in mat.kernel_blocks(self.inner):
             ub = u[:, lo:hi].contiguous()
-            wb, cb = self.inner.scaling_pass(p.mat, a[lo:hi].contiguous(), ub, v)
+            wb, cb = self.inner.scaling_pass(kb, a[lo:hi].contiguous(), ub, v)
             u[:, lo:hi] = ub
             w += wb
             change += cb
@@ -227,9 +255,9 @@ class ChunkedBackend:
     def log_pass(self, mat: Streamed, log_a, f, g):
         logw = torch.full(g.shape, float("-inf"), dtype=torch.float64, device=self.device)
         change = torch.zeros(f.shape[0], dtype=torch.float64, device=self.device)
-        for lo, hi, p in mat.blocks(self.inner):
+        for lo, hi, kb in mat.kernel_blocks(self.inner):
             fb = f[:, lo:hi].contiguous()
-            lw, cb = self.inner.log_pass(p.mat, log_a[lo:hi].contiguous(), fb, g)
+            lw, cb = self.inner.log_pass(kb, log_a[lo:hi].contiguous(), fb, g)
             f[:, lo:hi] = fb
             logw = torch.logaddexp(logw, lw.double())
             change += cb
@@ -238,6 +266,6 @@ class ChunkedBackend:
     def labels(self, mat: Streamed, log_v, linear):
         h, n, _ = mat.shape
         out = torch.empty(h, n, dtype=torch.long, device=self.device)
-        for lo, hi, p in mat.blocks(self.inner):
-            out[:, lo:hi] = self.inner.labels(p.mat, log_v, linear)
+        for lo, hi, kb in mat.kernel_blocks(self.inner):
+            out[:, lo:hi] = self.inner.labels(kb, log_v, linear)
         return out

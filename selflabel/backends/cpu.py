@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Prepared
+from . import Prepared, ScoreBlock
 
 
 def _ext():
@@ -18,22 +18,36 @@ def _ext():
     return _C
 
 
-class CpuBackend:
-    name = "cpu"
+def _operands(mat) -> tuple[torch.Tensor, dict]:
+    """The matrix argument of a pass and, for a ``ScoreBlock``, the score-mode keywords."""
+    if isinstance(mat, ScoreBlock):
+        return mat.scores, {"shift": mat.shift, "lamb": float(mat.lamb), "probs": mat.probs}
+    return mat, {}
 
-    def __init__(self) -> None:
+
+class CpuBackend:
+    """``threads``: at most this many worker threads per pass (0: ``torch.get_num_threads()``)."""
+
+    name = "cpu"
+    recomputes_rows = True  # the passes accept a ScoreBlock
+
+    def __init__(self, threads: int = 0) -> None:
         self._C = _ext()
+        self.threads = threads
 
     def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
-        return Prepared(*self._C.prepare(scores, float(lamb), probs, exponentiate))
+        return Prepared(*self._C.prepare(scores, float(lamb), probs, exponentiate, threads=self.threads))
 
     def scaling_pass(self, M, a, u, v):
-        w, change = self._C.scaling_pass(M, a, u, v)
+        M, mode = _operands(M)
+        w, change = self._C.scaling_pass(M, a, u, v, **mode, threads=self.threads)
         return w, change
 
     def log_pass(self, L, log_a, f, g):
-        logw, change = self._C.log_pass(L, log_a, f, g)
+        L, mode = _operands(L)
+        logw, change = self._C.log_pass(L, log_a, f, g, **mode, threads=self.threads)
         return logw, change
 
     def labels(self, mat, log_v, linear):
-        return self._C.labels(mat, log_v.contiguous(), linear)
+        mat, mode = _operands(mat)
+        return self._C.labels(mat, log_v.contiguous(), linear, **mode, threads=self.threads)
