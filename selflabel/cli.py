@@ -6,17 +6,42 @@ import argparse
 import sys
 
 import numpy as np
+import torch
 
 from .io import save_npy
 from .solver import ALGORITHMS, KINDS, sinkhorn_knopp
 
 
+def _label_features(args: argparse.Namespace, options: dict):
+    """Implicit mode: ``args.scores`` holds (N, D) features; scores are X W^T + bias, never stored."""
+    from .features import sinkhorn_knopp_features
+
+    if args.kind != "logits":
+        raise ValueError(f"--kind {args.kind}: scores from --prototypes are logits (X W^T + bias); drop --kind")
+    prototypes = np.load(args.prototypes, allow_pickle=False)
+    bias = None if args.bias is None else np.load(args.bias, allow_pickle=False)
+    features = args.scores  # a path: the CPU backend streams it in row blocks
+    if args.device not in (None, "cpu"):
+        if not args.device.startswith("cuda"):
+            raise ValueError(f"--device {args.device}: features are labelled on cpu or cuda")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available; use --device cpu")
+        # the fused Triton kernel reads the features whole from GPU memory
+        features = torch.from_numpy(np.load(args.scores, allow_pickle=False)).to(args.device)
+    return sinkhorn_knopp_features(features, prototypes, bias, memory_budget=args.memory_budget,
+                                   backend=args.backend, **options)
+
+
 def _label(args: argparse.Namespace) -> int:
-    res = sinkhorn_knopp(
-        args.scores, lamb=args.lamb, kind=args.kind, dtype=args.dtype, algorithm=args.algorithm,
-        backend=args.backend, tol=args.tol, max_iter=args.max_iter, progress=not args.quiet,
-        memory_budget=args.memory_budget, device=args.device,
-    )
+    options = dict(lamb=args.lamb, dtype=args.dtype, algorithm=args.algorithm, tol=args.tol,
+                   max_iter=args.max_iter, progress=not args.quiet)
+    if args.prototypes is not None:
+        res = _label_features(args, options)
+    elif args.bias is not None:
+        raise ValueError("--bias goes with --prototypes (labelling from features)")
+    else:
+        res = sinkhorn_knopp(args.scores, kind=args.kind, backend=args.backend, memory_budget=args.memory_budget,
+                             device=args.device, **options)
     labels = res.labels.cpu().numpy()
     save_npy(args.out, labels)
     sizes = np.bincount(labels.reshape(-1, labels.shape[-1])[0], minlength=res.log_v.shape[-1])
@@ -98,8 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selflabel", description="Fast Sinkhorn-Knopp self-labelling (SeLa).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("label", help="label a saved score matrix (.npy)")
-    p.add_argument("scores", help="(N, K) or (H, N, K) .npy file of scores")
+    p = sub.add_parser("label", help="label a saved score matrix (.npy), or features with --prototypes")
+    p.add_argument("scores", help="(N, K) or (H, N, K) .npy file of scores; with --prototypes, (N, D) features")
+    p.add_argument("--prototypes", default=None,
+                   help="(K, D) or (H, K, D) .npy of prototypes / head weights: label from features, scores "
+                        "X W^T + bias recomputed per block and never stored (implicit mode)")
+    p.add_argument("--bias", default=None, help="with --prototypes: (K,) or (H, K) .npy of head biases")
     p.add_argument("--out", required=True, help="where to write the int64 labels (.npy, written atomically)")
     p.add_argument("--kind", choices=KINDS, default="logits")
     p.add_argument("--lamb", type=float, default=25.0)

@@ -85,3 +85,30 @@ def test_label_with_memory_budget_streams_the_file(probs_file, tmp_path, capsys)
     assert main(["label", str(path), "--kind", "probs", "--memory-budget", "80MB", "--out", str(out), "--quiet"]) == 0
     assert "(chunked/" in capsys.readouterr().out
     assert np.array_equal(np.load(out), sl.sinkhorn_knopp(p, kind="probs").labels.numpy())
+
+
+def test_label_from_features_and_prototypes(tmp_path, capsys):
+    """--prototypes labels (N, D) features by the implicit mode: the same labels as the
+    materialised X W^T + b, written as (H, N) for stacked heads."""
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(300, 8, generator=gen), torch.randn(3, 12, 8, generator=gen)
+    b = torch.randn(3, 12, generator=gen)
+    paths = {name: tmp_path / f"{name}.npy" for name in ("x", "w", "b")}
+    for name, t in zip("xwb", (x, w, b), strict=True):
+        np.save(paths[name], t.numpy())
+    out = tmp_path / "labels.npy"
+    rc = main(["label", str(paths["x"]), "--prototypes", str(paths["w"]), "--bias", str(paths["b"]), "--lamb", "5",
+               "--memory-budget", "70MB", "--out", str(out), "--quiet"])
+    assert rc == 0 and "(chunked/" in capsys.readouterr().out
+    ref = sl.sinkhorn_knopp(torch.einsum("nd,hkd->hnk", x, w) + b[:, None, :], lamb=5)
+    assert np.array_equal(np.load(out), ref.labels.numpy())
+    assert main(["label", str(paths["x"]), "--prototypes", str(paths["w"]), "--kind", "probs", "--out", str(out),
+                 "--quiet"]) == 2
+    assert "--kind probs" in capsys.readouterr().err
+    assert main(["label", str(paths["x"]), "--bias", str(paths["b"]), "--out", str(out), "--quiet"]) == 2
+    assert "--bias goes with --prototypes" in capsys.readouterr().err
+    assert main(["label", str(paths["x"]), "--prototypes", str(tmp_path / "none.npy"), "--out", str(out),
+                 "--quiet"]) == 2
+    assert main(["label", str(paths["x"]), "--prototypes", str(paths["w"]), "--device", "tpu", "--out", str(out),
+                 "--quiet"]) == 2
+    assert "features are labelled on cpu or cuda" in capsys.readouterr().err
