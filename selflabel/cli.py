@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import torch
 
+from .backends import resolve_device
 from .io import save_npy
 from .solver import ALGORITHMS, KINDS, sinkhorn_knopp
 
@@ -21,13 +22,9 @@ def _label_features(args: argparse.Namespace, options: dict):
     prototypes = np.load(args.prototypes, allow_pickle=False)
     bias = None if args.bias is None else np.load(args.bias, allow_pickle=False)
     features = args.scores  # a path: the CPU backend streams it in row blocks
-    if args.device not in (None, "cpu"):
-        if not args.device.startswith("cuda"):
-            raise ValueError(f"--device {args.device}: features are labelled on cpu or cuda")
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device is available; use --device cpu")
-        # the fused Triton kernel reads the features whole from GPU memory
-        features = torch.from_numpy(np.load(args.scores, allow_pickle=False)).to(args.device)
+    device = resolve_device(args.device, torch.device("cpu"))
+    if device.type == "cuda":  # the fused Triton kernel reads the features whole from GPU memory
+        features = torch.from_numpy(np.load(args.scores, allow_pickle=False)).to(device)
     return sinkhorn_knopp_features(features, prototypes, bias, memory_budget=args.memory_budget,
                                    backend=args.backend, **options)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backends import Backend, get_backend
+from .backends import Backend, get_backend, resolve_device
 from .backends.chunked import ChunkedBackend, ChunkedScores, rows_per_block
 from .backends.implicit import FeatureScores, ImplicitTritonBackend
 from .distributed import Reducer
@@ -115,27 +115,6 @@ def _budget(memory_budget: int | str | None, device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-
-
-def _device(device: str | torch.device | None, default: torch.device) -> torch.device:
-    """``device`` as a torch.device ("cuda" -> the current CUDA device), checked to exist."""
-    if device is None:
-        return default
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
-        current = torch.cuda.current_device()
-        if dev.index not in (None, current):  # the Triton kernels launch on the current device
-            raise ValueError(f"device={device!r} is not the current CUDA device (cuda:{current}); call "
-                             f"torch.cuda.set_device({dev.index}) or solve inside torch.cuda.device({dev.index})")
-        dev = torch.device("cuda", current)
-    elif dev.type != "cpu":
-        raise ValueError(f"device={device!r}: only 'cpu' and 'cuda' are supported")
-    return dev
 
 
 def _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every) -> float:
@@ -368,7 +347,7 @@ def sinkhorn_knopp(
             raise ValueError(f"memory_budget applies to backend='chunked' (or 'auto'), not backend={backend!r}")
         implicit = isinstance(scores, FeatureScores)
         if implicit:
-            if device is not None and _device(device, scores.device) != scores.device:
+            if device is not None and resolve_device(device, scores.device) != scores.device:
                 raise ValueError(f"device={device!r}: implicit mode runs where the features are ({scores.device}); "
                                  "move the features and prototypes instead")
             raw3 = None  # recomputed from features in every pass, never stored
@@ -381,12 +360,12 @@ def sinkhorn_knopp(
             src = make_source(scores)
             raw3 = None  # never loaded whole
             shape, stacked = src.shape, src.ndim == 3
-            device = _device(device, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
+            device = resolve_device(device, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
             cdtype = _compute_dtype(dtype, torch.empty(0, dtype=src.dtype))
         else:
             raw = _as_tensor(scores)
             if device is not None:
-                raw = raw.to(_device(device, raw.device))
+                raw = raw.to(resolve_device(device, raw.device))
             if not raw.dtype.is_floating_point:
                 raise TypeError(f"scores must be floating point, got {raw.dtype}; cast with .float()")
             if raw.dim() not in (2, 3):

@@ -109,6 +109,7 @@ def test_label_from_features_and_prototypes(tmp_path, capsys):
     assert "--bias goes with --prototypes" in capsys.readouterr().err
     assert main(["label", str(paths["x"]), "--prototypes", str(tmp_path / "none.npy"), "--out", str(out),
                  "--quiet"]) == 2
-    assert main(["label", str(paths["x"]), "--prototypes", str(paths["w"]), "--device", "tpu", "--out", str(out),
+    assert "none.npy" in capsys.readouterr().err
+    assert main(["label", str(paths["x"]), "--prototypes", str(paths["w"]), "--device", "meta", "--out", str(out),
                  "--quiet"]) == 2
-    assert "features are labelled on cpu or cuda" in capsys.readouterr().err
+    assert "only 'cpu' and 'cuda' are supported" in capsys.readouterr().err

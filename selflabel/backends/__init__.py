@@ -54,6 +54,30 @@ class Backend(Protocol):
         """argmax_j of mat*exp(log_v) (linear) or mat + log_v, int64 (H, N)."""
 
 
+def resolve_device(device: str | torch.device | None, default: torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device ("cuda" -> the current CUDA device), checked to exist;
+    ``default`` when it is None. Raises ValueError naming the argument otherwise."""
+    if device is None:
+        if default is None:
+            raise ValueError("device must be given: 'cpu' or 'cuda'")
+        return default
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+        current = torch.cuda.current_device()
+        if dev.index not in (None, current):  # the Triton kernels launch on the current device
+            raise ValueError(f"device={device!r} is not the current CUDA device (cuda:{current}); call "
+                             f"torch.cuda.set_device({dev.index}) or solve inside torch.cuda.device({dev.index})")
+        dev = torch.device("cuda", current)
+    elif dev.type != "cpu":
+        raise ValueError(f"device={device!r}: only 'cpu' and 'cuda' are supported")
+    return dev
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..source import CallableSource, NpyFileSource, TensorSource
-from . import Backend, Prepared, ScoreBlock
+from . import Backend, Prepared, ScoreBlock, resolve_device
 from .cpu import CpuBackend
 
 FIXED_OVERHEAD = 64 * 2**20  # allocator slack and small buffers, kept out of the block budget
@@ -219,10 +219,7 @@ class ChunkedBackend:
     name = "chunked"
 
     def __init__(self, rows: int, progress: bool = False, device: torch.device | str = "cpu") -> None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self.device = resolve_device(device)
         self.inner: Backend | None = None  # chosen with the source, in prepare
         self.rows, self.progress = rows, progress
         self._feed: DeviceFeed | None = None
