@@ -58,9 +58,10 @@ def drop_caches() -> bool:
         return False
 
 
-def solve(path: str, budget: int, iters: int) -> float:
+def solve(path: str, budget: int, iters: int, algorithm: str) -> float:
     t = time.perf_counter()
-    sl.sinkhorn_knopp(path, backend="chunked", memory_budget=budget, tol=0, max_iter=iters, check_every=iters)
+    sl.sinkhorn_knopp(path, backend="chunked", memory_budget=budget, algorithm=algorithm, tol=0, max_iter=iters,
+                      check_every=iters)
     return time.perf_counter() - t
 
 
@@ -70,13 +71,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--budget", default="1GB")
     parser.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), ".ooc"))
+    parser.add_argument("--algorithm", choices=["auto", "scaling", "log"], default="auto")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     budget = parse_bytes(args.budget)
     os.makedirs(args.dir, exist_ok=True)
     path = os.path.join(args.dir, f"scores-{args.n}x{args.k}.npy")
     size_gb = args.n * args.k * 4 / 1e9
-    print(f"# bench_ooc: N={args.n}, K={args.k} float32 ({size_gb:.1f} GB), budget {budget / 1e9:.2f} GB")
+    print(f"# bench_ooc: N={args.n}, K={args.k} float32 ({size_gb:.1f} GB), budget {budget / 1e9:.2f} GB, "
+          f"algorithm {args.algorithm}")
     t = time.perf_counter()
     writer = mp.get_context("spawn").Process(target=write_scores, args=(path, args.n, args.k))
     writer.start()  # in a child, so this process's peak RSS measures the solve only
@@ -85,7 +88,8 @@ def main() -> None:
         raise SystemExit("writing the score file failed")
     print(f"  wrote the file with ScoreStore in {time.perf_counter() - t:.1f}s")
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"n": args.n, "k": args.k, "file_bytes": os.path.getsize(path), "budget_bytes": budget}
+    result = {"n": args.n, "k": args.k, "algorithm": args.algorithm, "file_bytes": os.path.getsize(path),
+              "budget_bytes": budget}
     try:
         for cache in ("warm", "cold"):
             if cache == "cold":
@@ -96,8 +100,8 @@ def main() -> None:
             read = read_file(path)
             if cache == "cold":
                 drop_caches()
-            short = solve(path, budget, 2)
-            long = solve(path, budget, 8)
+            short = solve(path, budget, 2, args.algorithm)
+            long = solve(path, budget, 8, args.algorithm)
             per_iter = (long - short) / 6
             if cache == "cold":
                 drop_caches()
@@ -115,7 +119,8 @@ def main() -> None:
     if not args.no_save:
         result.update(benchmark="bench_ooc", date=dt.datetime.now().isoformat(timespec="seconds"),
                       torch=torch.__version__, numpy=np.__version__, threads=torch.get_num_threads())
-        out = os.path.join(os.path.dirname(__file__), "results", f"ooc-{dt.date.today():%Y%m%d}.json")
+        tag = "" if args.algorithm == "auto" else f"_{args.algorithm}"  # ooc-*.json stays the default run
+        out = os.path.join(os.path.dirname(__file__), "results", f"ooc{tag}-{dt.date.today():%Y%m%d}.json")
         save_json(out, result)
         print(f"wrote {out}")
 
