@@ -21,12 +21,15 @@ def _label_features(args: argparse.Namespace, options: dict):
         raise ValueError(f"--kind {args.kind}: scores from --prototypes are logits (X W^T + bias); drop --kind")
     prototypes = np.load(args.prototypes, allow_pickle=False)
     bias = None if args.bias is None else np.load(args.bias, allow_pickle=False)
-    features = args.scores  # a path: the CPU backend streams it in row blocks
+    features, backend = args.scores, args.backend  # a path: the chunked backend streams it in row blocks
     device = resolve_device(args.device, torch.device("cpu"))
-    if device.type == "cuda":  # the fused Triton kernel reads the features whole from GPU memory
-        features = torch.from_numpy(np.load(args.scores, allow_pickle=False)).to(device)
-    return sinkhorn_knopp_features(features, prototypes, bias, memory_budget=args.memory_budget,
-                                   backend=args.backend, **options)
+    if device.type == "cuda":
+        if args.memory_budget is not None or backend == "chunked":  # score blocks computed on CPU, streamed
+            backend, options = "chunked", {**options, "device": device}
+        else:  # the fused Triton kernel reads the features whole from GPU memory
+            features = torch.from_numpy(np.load(args.scores, allow_pickle=False)).to(device)
+    return sinkhorn_knopp_features(features, prototypes, bias, memory_budget=args.memory_budget, backend=backend,
+                                   **options)
 
 
 def _label(args: argparse.Namespace) -> int:

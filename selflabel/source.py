@@ -89,6 +89,7 @@ class NpyFileSource:
         self.dtype = _STORAGE[dtype]
         self.itemsize = dtype.itemsize
         self._bufs: list[np.ndarray] | None = None  # the reader's two block buffers, kept across passes
+        self._reader: threading.Thread | None = None  # the last read started
         need = offset + int(np.prod(self.shape)) * self.itemsize
         if os.path.getsize(path) < need:
             raise ValueError(f"scores: {path!r} is truncated ({os.path.getsize(path)} bytes, header says {need})")
@@ -133,6 +134,8 @@ class NpyFileSource:
             # kept for the next pass: fresh buffers would page-fault on every pass
             self._bufs = [np.empty((h_count, rows, k), dtype=self.np_dtype) for _ in range(2)]
         bufs = self._bufs
+        if self._reader is not None:  # a pass abandoned mid-way (an exception) may still be reading into bufs
+            self._reader.join()
         self._drop = self.drop_pages()
         fd = os.open(self.path, os.O_RDONLY)
         reader = threading.Thread(target=lambda: None)
@@ -149,7 +152,7 @@ class NpyFileSource:
                 except BaseException as exc:  # re-raised in the consumer
                     result[i] = exc
 
-            reader = threading.Thread(target=fetch, args=(0,))
+            reader = self._reader = threading.Thread(target=fetch, args=(0,))
             reader.start()
             for i, (lo, hi) in enumerate(spans):
                 reader.join()
@@ -157,7 +160,7 @@ class NpyFileSource:
                 if isinstance(block, BaseException):
                     raise block
                 if i + 1 < len(spans):  # read the next block while this one is processed
-                    reader = threading.Thread(target=fetch, args=(i + 1,))
+                    reader = self._reader = threading.Thread(target=fetch, args=(i + 1,))
                     reader.start()
                 yield lo, hi, torch.from_numpy(block)
         finally:

@@ -209,6 +209,18 @@ def test_callable_source_rejects_changing_heads():
         sl.sinkhorn_knopp(lambda: iter(next(passes)), backend="chunked", tol=0, max_iter=3)
 
 
+def test_chunk_function_blocks_longer_than_the_budget_are_split(scores64):
+    """A chunk function may yield blocks of any length; float16 ones are cast into a buffer
+    sized by the budget, so the feed splits them first (also on CPU)."""
+    half = scores64.half()
+    blocks = lambda: iter([half[:400], half[400:1003]])  # noqa: E731
+    budget = budget_for_rows(sl.source.CallableSource(blocks), torch.float32, 61)
+    got = sl.sinkhorn_knopp(blocks, kind="probs", backend="chunked", memory_budget=budget, dtype=torch.float32,
+                            tol=0, max_iter=20)
+    ref = sl.sinkhorn_knopp(half.float(), kind="probs", tol=0, max_iter=20)
+    assert torch.allclose(got.log_v, ref.log_v, atol=1e-5) and (got.labels == ref.labels).float().mean() >= 0.999
+
+
 def test_later_passes_recompute_rows_inside_the_kernels(npy, monkeypatch):
     """Only the first pass (row shifts) runs prepare, which writes a kernel block; the
     iterations and the label pass hand the C++ kernels the raw blocks (ScoreBlock), and

@@ -106,7 +106,8 @@ class DeviceFeed:
     buffers waits for the kernels that read block i. So while the GPU computes block i,
     the host stages block i+1 and the copy engine moves it. Blocks of a pinned source
     tensor skip the staging copy (one copy per head); blocks already on the device pass
-    through; blocks longer than ``rows`` (a chunk function's) are split.
+    through. On every device blocks longer than ``rows`` (a chunk function's) are split,
+    so no block outgrows the buffers sized by the budget.
     CPU: blocks are moved to the CPU if needed and otherwise pass through.
     """
 
@@ -138,7 +139,7 @@ class DeviceFeed:
         """``stable``: the source's blocks stay valid after the next one is drawn (a tensor source),
         so a pinned one may be copied asynchronously without staging."""
         if self.device.type != "cuda":
-            for lo, hi, block in blocks:
+            for lo, hi, block in self._split(blocks):
                 yield lo, hi, block.to(self.device)
             return
         compute = torch.cuda.current_stream(self.device)
