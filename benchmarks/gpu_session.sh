@@ -17,6 +17,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, print 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 step install 180 pip install --no-build-isolation --no-deps -e .
 step tests 200 python -m pytest -q -x tests/test_triton_kernels.py tests/test_front.py
+step label_features 90 python benchmarks/smoke_label_features.py --device cuda
 step bench_stream 150 python benchmarks/bench_stream.py --n 2000000 --budget 1GB  # 8 GB host matrix
 step bench_gpu 120 python benchmarks/bench_gpu.py
 step bench_implicit 120 python benchmarks/bench_implicit.py --device cuda --iters 2 7
