@@ -209,6 +209,19 @@ def test_callable_source_rejects_changing_heads():
         sl.sinkhorn_knopp(lambda: iter(next(passes)), backend="chunked", tol=0, max_iter=3)
 
 
+def test_bfloat16_storage_from_a_tensor_and_a_chunk_function(scores64):
+    """bfloat16 scores (no .npy dtype, so tensors and chunk functions) solve in float32 like
+    their upcast copy in memory."""
+    bf = scores64.log().bfloat16()
+    budget = budget_for_rows(sl.source.TensorSource(bf), torch.float32, 100)
+    ref = sl.sinkhorn_knopp(bf.float(), kind="log_probs", tol=0, max_iter=30)
+    for source in (bf, lambda: iter([bf[:500], bf[500:]])):
+        got = sl.sinkhorn_knopp(source, kind="log_probs", backend="chunked", memory_budget=budget, tol=0,
+                                max_iter=30)
+        assert got.log_v.dtype == torch.float32 and torch.allclose(got.log_v, ref.log_v, atol=1e-5)
+        assert (got.labels == ref.labels).float().mean() >= 0.999
+
+
 def test_chunk_function_blocks_longer_than_the_budget_are_split(scores64):
     """A chunk function may yield blocks of any length; float16 ones are cast into a buffer
     sized by the budget, so the feed splits them first (also on CPU)."""
