@@ -127,6 +127,19 @@ constexpr int64_t kRows = 4;  // rows per group in the scaling pass
 constexpr int64_t kTile = 512;
 constexpr int64_t kFlushRows = 64;
 
+// One row of the log kernel: o = lamb * (x - m), x = log s for probabilities, s otherwise.
+// `prepare` and the score mode of the passes share it, so both give the same bits.
+template <typename T>
+inline void log_kernel_row(const T* __restrict__ s, T* __restrict__ o, int64_t K, T lam, T m, bool probs) {
+  if (probs) {
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) o[j] = lam * (vlog(s[j]) - m);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) o[j] = lam * (s[j] - m);
+  }
+}
+
 // Where a pass finds row i of its kernel matrix. `row(i, scratch)` returns a
 // pointer to its K values; `data(i)` is the memory the row is made from (for
 // prefetching).
@@ -152,15 +165,7 @@ struct ScoreRows {
   bool probs;
   bool expo;
   const T* row(int64_t i, T* __restrict__ o) const {
-    const T* __restrict__ s = S + i * K;
-    const T m = shift[i];
-    if (probs) {
-#pragma omp simd
-      for (int64_t j = 0; j < K; ++j) o[j] = lam * (vlog(s[j]) - m);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < K; ++j) o[j] = lam * (s[j] - m);
-    }
+    log_kernel_row(S + i * K, o, K, lam, shift[i], probs);
     if (expo) {
 #pragma omp simd
       for (int64_t j = 0; j < K; ++j) o[j] = vexp(o[j]);
@@ -212,13 +217,7 @@ void prepare_rows(const T* __restrict__ S, T* __restrict__ O, T* rmax, double* r
       std::fill(o, o + K, T(0));
       continue;
     }
-    if (probs) {
-#pragma omp simd
-      for (int64_t j = 0; j < K; ++j) o[j] = lam * (vlog(s[j]) - m);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < K; ++j) o[j] = lam * (s[j] - m);
-    }
+    log_kernel_row(s, o, K, lam, m, probs);
 #pragma omp simd
     for (int64_t j = 0; j < K; ++j) cm[j] = vmax(cm[j], static_cast<acc_t>(o[j]));
     if (exponentiate) {
