@@ -33,6 +33,17 @@ FIXED_OVERHEAD = 64 * 2**20  # allocator slack and small buffers, kept out of th
 # saves a trip to memory per entry (bench_ooc, 2M x 1000 on 2 cores: 1.5 s/pass at 8 MiB blocks,
 # 2.5 s at 168 MiB; smaller blocks pay more per-block overhead).
 CPU_BLOCK_BYTES = 8 * 2**20
+# On CUDA a block holds at most this many bytes: large enough for full PCIe speed and cheap
+# launches, small enough that the two pinned host staging buffers (outside the GPU budget)
+# stay modest when the budget is most of a large GPU.
+CUDA_BLOCK_BYTES = 256 * 2**20
+
+
+def block_rows(rows: int, shape: tuple[int, int, int], itemsize: int, device: torch.device) -> int:
+    """``rows`` (what the budget allows) capped to the block size that suits ``device``."""
+    h, _, k = shape
+    cap = CPU_BLOCK_BYTES if device.type == "cpu" else CUDA_BLOCK_BYTES
+    return min(rows, max(1, cap // (h * k * itemsize)))
 
 
 @dataclass
@@ -228,8 +239,7 @@ class ChunkedBackend:
     def prepare(self, source: ChunkedScores, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
         h, n, k = source.shape
         dtype, dev = source.compute_dtype, self.device
-        if dev.type == "cpu":
-            self.rows = min(self.rows, max(1, CPU_BLOCK_BYTES // (h * k * source.inner.itemsize)))
+        self.rows = block_rows(self.rows, source.shape, source.inner.itemsize, dev)
         if self._feed is None:  # one set of transfer buffers for every pass of this solve
             self._feed = DeviceFeed(dev, source.shape, self.rows, source.inner.dtype)
             self.inner = inner_backend(dev, reader_thread=getattr(source.inner, "reader_thread", False))
