@@ -130,12 +130,12 @@ class NpyFileSource:
 
     def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         h_count, n, k = self.shape
+        if self._reader is not None:  # a pass abandoned mid-way (an exception) may still be reading into _bufs
+            self._reader.join()
         if self._bufs is None or self._bufs[0].shape[1] != rows:
             # kept for the next pass: fresh buffers would page-fault on every pass
             self._bufs = [np.empty((h_count, rows, k), dtype=self.np_dtype) for _ in range(2)]
         bufs = self._bufs
-        if self._reader is not None:  # a pass abandoned mid-way (an exception) may still be reading into bufs
-            self._reader.join()
         self._drop = self.drop_pages()
         fd = os.open(self.path, os.O_RDONLY)
         reader = threading.Thread(target=lambda: None)
