@@ -4,10 +4,11 @@ for millions of samples are aggregated without the N x K matrix in memory."""
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import torch
+
+from .io import temp_file
 
 
 class ScoreStore:
@@ -34,13 +35,9 @@ class ScoreStore:
         self.n, self.k, self.heads = n, k, heads
         self.shape = (n, k) if heads is None else (heads, n, k)
         self.written = 0
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
+        fd, self.tmp = temp_file(self.path, suffix=".partial")  # mode 0o666 & ~umask, like the labels
         self._fh = os.fdopen(fd, "wb")
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result should be an ordinary file
             header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                       "shape": self.shape}
             np.lib.format.write_array_header_2_0(self._fh, header)
