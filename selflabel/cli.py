@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 import torch
 
 from .backends import resolve_device
-from .io import save_npy
+from .io import save_npy, save_text
 from .solver import ALGORITHMS, KINDS, sinkhorn_knopp
 
 
@@ -32,7 +33,54 @@ def _label_features(args: argparse.Namespace, options: dict):
                                    **options)
 
 
+# --out suffix -> text delimiter (None: binary .npy)
+LABEL_FORMATS = {".npy": None, ".txt": " ", ".csv": ","}
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _check_label_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any solving, outputs that would fail at the end or destroy an input."""
+    inputs = [(name, path) for name, path in (("scores", args.scores), ("--prototypes", args.prototypes),
+                                              ("--bias", args.bias)) if path is not None]
+    for name, path in inputs:
+        if os.path.isdir(path):
+            raise ValueError(f"{name} {path} is a directory; pass a .npy file")
+    out = args.out
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; name the labels file, e.g. {os.path.join(out, 'labels.npy')}")
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in LABEL_FORMATS:
+        raise ValueError(f"--out {out}: unknown format {suffix or '(no suffix)'}; end it in .npy (int64 array), "
+                         ".txt or .csv (text, one line per sample)")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable")
+    for name, path in inputs:
+        if _same_file(out, path):
+            raise ValueError(f"--out {out} is the {name} input; writing the labels there would replace it: "
+                             "choose another --out")
+
+
+def _save_labels(path: str, labels: np.ndarray) -> None:
+    delimiter = LABEL_FORMATS[os.path.splitext(path)[1].lower()]
+    if delimiter is None:
+        save_npy(path, labels)
+    else:  # one line per sample; H columns for H heads
+        save_text(path, labels.T, delimiter=delimiter)
+
+
 def _label(args: argparse.Namespace) -> int:
+    _check_label_paths(args)
     options = dict(lamb=args.lamb, dtype=args.dtype, algorithm=args.algorithm, tol=args.tol,
                    max_iter=args.max_iter, progress=not args.quiet)
     if args.prototypes is not None:
@@ -43,7 +91,7 @@ def _label(args: argparse.Namespace) -> int:
         res = sinkhorn_knopp(args.scores, kind=args.kind, backend=args.backend, memory_budget=args.memory_budget,
                              device=args.device, **options)
     labels = res.labels.cpu().numpy()
-    save_npy(args.out, labels)
+    _save_labels(args.out, labels)
     sizes = np.bincount(labels.reshape(-1, labels.shape[-1])[0], minlength=res.log_v.shape[-1])
     print(f"labelled {labels.shape[-1]} samples into {sizes.size} clusters: {res.n_iter} iterations, "
           f"error {res.error:.2e}, {'converged' if res.converged else 'NOT converged'}, {res.seconds:.2f}s "
@@ -59,8 +107,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import os
-
     import torch
     import torch.distributed as dist
 
@@ -123,13 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selflabel", description="Fast Sinkhorn-Knopp self-labelling (SeLa).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("label", help="label a saved score matrix (.npy), or features with --prototypes")
+    p = sub.add_parser("label", help="label a saved score matrix (.npy), or features with --prototypes",
+                       description="Label a saved score matrix, or features x prototypes, with balanced clusters.",
+                       epilog="exit status: 0 converged, 2 bad options or inputs (nothing is written), "
+                              "3 written but not converged (raise --max-iter or --tol)")
     p.add_argument("scores", help="(N, K) or (H, N, K) .npy file of scores; with --prototypes, (N, D) features")
     p.add_argument("--prototypes", default=None,
                    help="(K, D) or (H, K, D) .npy of prototypes / head weights: label from features, scores "
                         "X W^T + bias recomputed per block and never stored (implicit mode)")
     p.add_argument("--bias", default=None, help="with --prototypes: (K,) or (H, K) .npy of head biases")
-    p.add_argument("--out", required=True, help="where to write the int64 labels (.npy, written atomically)")
+    p.add_argument("--out", required=True,
+                   help="labels file, written atomically: .npy (int64 array, (N,) or (H, N)), or .txt / .csv "
+                        "(text, one line per sample, H space / comma separated columns for H heads); "
+                        "other suffixes, a folder, a missing folder or an input file are refused before solving")
     p.add_argument("--kind", choices=KINDS, default="logits")
     p.add_argument("--lamb", type=float, default=25.0)
     p.add_argument("--dtype", choices=["float32", "float64"], default=None)
@@ -162,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, TypeError, ImportError, OSError) as exc:  # OSError: missing files, folders, permissions
         print(f"selflabel: error: {exc}", file=sys.stderr)
         return 2
 

@@ -80,6 +80,12 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
+def save_text(path: str | os.PathLike, array: np.ndarray, delimiter: str = " ") -> None:
+    """Integers as text, atomically: one line per row of ``array`` (a 1-D array: one value per line)."""
+    with atomic_write(path, "w") as fh:
+        np.savetxt(fh, np.asarray(array), fmt="%d", delimiter=delimiter)
+
+
 def save_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically, creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

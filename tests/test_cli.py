@@ -113,3 +113,65 @@ def test_label_from_features_and_prototypes(tmp_path, capsys):
     assert main(["label", str(paths["x"]), "--prototypes", str(paths["w"]), "--device", "meta", "--out", str(out),
                  "--quiet"]) == 2
     assert "only 'cpu' and 'cuda' are supported" in capsys.readouterr().err
+
+
+def _solve_must_not_run(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the solver ran before the output was checked")
+
+    monkeypatch.setattr("selflabel.cli.sinkhorn_knopp", boom)
+    monkeypatch.setattr("selflabel.features.sinkhorn_knopp_features", boom)
+
+
+def test_label_refuses_to_overwrite_an_input(probs_file, tmp_path, capsys, monkeypatch):
+    """--out naming an input (the same path, a symlink or a hard link to it) is refused, the input intact."""
+    path, _ = probs_file
+    before = path.read_bytes()
+    (tmp_path / "link.npy").symlink_to(path)
+    os.link(path, tmp_path / "hard.npy")
+    _solve_must_not_run(monkeypatch)
+    for out in (path, tmp_path / "link.npy", tmp_path / "hard.npy", tmp_path / "sub" / ".." / "scores.npy"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert main(["label", str(path), "--kind", "probs", "--out", str(out), "--quiet"]) == 2, out
+        assert "is the scores input" in capsys.readouterr().err
+    w, b = tmp_path / "w.npy", tmp_path / "b.npy"
+    np.save(w, np.ones((10, 4)))
+    np.save(b, np.ones(10))
+    for flag, out in (("--prototypes", w), ("--bias", b)):
+        assert main(["label", str(path), "--prototypes", str(w), "--bias", str(b), "--out", str(out), "--quiet"]) == 2
+        assert f"is the {flag} input" in capsys.readouterr().err
+    assert path.read_bytes() == before and np.load(w).dtype == np.float64 and np.load(b).dtype == np.float64
+
+
+def test_label_folders_are_clear_errors_before_solving(probs_file, tmp_path, capsys, monkeypatch):
+    path, _ = probs_file
+    _solve_must_not_run(monkeypatch)
+    assert main(["label", str(tmp_path), "--out", str(tmp_path / "l.npy"), "--quiet"]) == 2
+    assert "is a directory; pass a .npy file" in capsys.readouterr().err
+    assert main(["label", str(path), "--prototypes", str(tmp_path), "--out", str(tmp_path / "l.npy"), "--quiet"]) == 2
+    assert "--prototypes" in capsys.readouterr().err
+    assert main(["label", str(path), "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a directory; name the labels file" in err
+    assert main(["label", str(path), "--out", str(tmp_path / "missing" / "l.npy"), "--quiet"]) == 2
+    assert "does not exist; create it first" in capsys.readouterr().err
+    assert main(["label", str(path), "--out", str(tmp_path / "labels.dat"), "--quiet"]) == 2
+    assert "unknown format .dat" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["scores.npy"]
+
+
+@pytest.mark.parametrize("suffix,delimiter", [(".txt", None), (".csv", ","), (".CSV", ",")])
+def test_label_text_outputs(tmp_path, suffix, delimiter):
+    """.txt / .csv get text: one line per sample, one integer column per head."""
+    scores = make_scores(200, 6, kind="logits", seed=4, heads=2).numpy()
+    path = tmp_path / "scores.npy"
+    np.save(path, scores)
+    ref = sl.sinkhorn_knopp(scores, lamb=25).labels.numpy()  # (2, 200)
+    out = tmp_path / f"labels{suffix}"
+    assert main(["label", str(path), "--out", str(out), "--quiet"]) == 0
+    text = out.read_text()
+    assert len(text.splitlines()) == 200 and "." not in text
+    assert np.array_equal(np.loadtxt(out, dtype=np.int64, delimiter=delimiter).T, ref)
+    np.save(path, scores[0])
+    assert main(["label", str(path), "--out", str(out), "--quiet"]) == 0
+    assert np.array_equal(np.loadtxt(out, dtype=np.int64, delimiter=delimiter), ref[0])
