@@ -151,9 +151,10 @@ def _add_train(sub) -> None:
     t.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
     t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     t.add_argument("--implicit", action="store_true",
-                   help="SeLa: label from features x head weights without storing the N x K scores")
+                   help="label without storing the N x K scores: from features x head weights (SeLa), "
+                        "projected embeddings x prototypes / temperature (CARP's final labels)")
     t.add_argument("--memory-budget", default=None,
-                   help="SeLa: write scores to OUT/ and stream them within this budget, e.g. 1GB")
+                   help="write the scores for labelling to OUT/ and stream them within this budget, e.g. 1GB")
     t.add_argument("--carp-block", type=int, default=None,
                    help="CARP: prototypes per random block (digits: all K; else K//2, or K//4 up to 512 from K=64)")
     t.add_argument("--carp-local", type=int, default=None, help="CARP: local views besides the two global ones")

@@ -15,7 +15,7 @@ from selflabel.train import TrainConfig, label_schedule, train
 from selflabel.train.carp import block_softmax, carp_loss, random_blocks
 from selflabel.train.data import load_digits_set, load_image_set
 from selflabel.train.evaluate import cluster_accuracy
-from selflabel.train.models import ARCHS, build_backbone
+from selflabel.train.models import ARCHS, CarpHead, SelaHeads, build_backbone
 
 FAST = dict(arch="mlp", progress=False, tensorboard=False, evaluate=False)
 
@@ -172,3 +172,25 @@ def test_cli_train_prints_scores_and_writes_outputs(tmp_path, capsys):
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     assert cli_main(["train", "--data", "svhn", "--out", str(out)]) == 2
     assert "needs a path" in capsys.readouterr().err
+
+
+def test_heads_score_weights_give_their_logits():
+    """logits == embed(f) @ W.T + b: what implicit labelling multiplies instead of storing the scores."""
+    feats = torch.randn(6, 16)
+    for head in (SelaHeads(16, 5, 3), CarpHead(16, 5)):
+        head.eval()
+        with torch.no_grad():
+            w, b = head.score_weights()
+            got = torch.einsum("nd,hkd->hnk", head.embed(feats), w) + (0 if b is None else b[:, None, :])
+            want = head(feats)
+        torch.testing.assert_close(got, want if want.dim() == 3 else want[None])
+    assert isinstance(CarpHead(16, 5).prototypes, torch.nn.Parameter)
+
+
+def test_carp_implicit_labels_agree(tmp_path):
+    """CARP's final labels from projected embeddings x prototypes / T, without the N x K scores."""
+    opts = dict(method="carp", epochs=1, batch_size=256, seed=1, **FAST)
+    base = train(out=str(tmp_path / "a"), **opts)
+    implicit = train(out=str(tmp_path / "b"), implicit=True, **opts)
+    assert implicit.labels.shape == (1, 1797)
+    assert (base.labels == implicit.labels).float().mean() > 0.99

@@ -141,8 +141,9 @@ def _world() -> tuple[int, int]:
 
 @torch.no_grad()
 def _aggregate(net: Network, images: ImageSet, idx: np.ndarray, batch_size: int, *, scores: bool,
-               store: ScoreStore | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Features (n, D) of the samples ``idx`` and, with ``scores``, head log-softmax (H, n, K) (or into ``store``)."""
+               store: ScoreStore | None = None, embed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features (n, D) of the samples ``idx`` (with ``embed``, the head's embeddings ``head.embed(features)``)
+    and, with ``scores``, head log-softmax (H, n, K) (or into ``store``)."""
     was_training = net.training
     net.eval()
     loader = torch.utils.data.DataLoader(ViewDataset(images, None, 0), batch_size=batch_size,
@@ -151,7 +152,7 @@ def _aggregate(net: Network, images: ImageSet, idx: np.ndarray, batch_size: int,
     device = next(net.parameters()).device
     for _, x in loader:
         f = net.features(x.to(device, non_blocking=True))
-        feats.append(f)
+        feats.append(net.head.embed(f) if embed else f)
         if scores:
             s = F.log_softmax(net.head(f).float(), dim=-1)
             s = s if s.dim() == 3 else s[None]
@@ -169,9 +170,10 @@ def _relabel(net: Network, images: ImageSet, cfg: TrainConfig, shard: np.ndarray
     if world > 1:
         options.update(process_group=dist.group.WORLD, gather_labels=True)
     if cfg.implicit:
-        feats, _ = _aggregate(net, images, shard, 4 * cfg.batch_size, scores=False)
-        w, b = net.head.prototypes()  # CUDA features: fused tl.dot kernel; CPU: chunked BLAS blocks
-        res = sinkhorn_knopp_features(feats, w, b, **options)
+        # logits = embed(features) @ W.T + b: SeLa's features x head weights, CARP's projections x prototypes / T
+        emb, _ = _aggregate(net, images, shard, 4 * cfg.batch_size, scores=False, embed=True)
+        w, b = net.head.score_weights()  # CUDA: fused tl.dot kernel; CPU: chunked BLAS blocks
+        res = sinkhorn_knopp_features(emb, w, b, **options)
     elif cfg.memory_budget:
         path = os.path.join(cfg.out, f"scores-rank{dist.get_rank() if world > 1 else 0}.npy")
         with ScoreStore(path, n=len(shard), k=cfg.ncl, heads=cfg.hc, dtype=np.float32) as store:

@@ -9,7 +9,9 @@ Backbones map (B, C, H, W) images to (B, D) features and expose ``out_dim``:
   3x3 stem without the max-pool (CIFAR style).
 
 Heads: ``SelaHeads`` (H linear classifiers of K clusters, SeLa's multi-head setup) and
-``CarpHead`` (projection MLP, L2-normalised embedding, weight-normalised prototypes).
+``CarpHead`` (projection MLP, L2-normalised embedding, weight-normalised prototypes). Both give
+``embed(feats)`` and ``score_weights()`` with logits = embed(feats) @ W.T (+ bias), for labelling
+from embeddings x weights without the N x K scores (``--implicit``).
 """
 
 from __future__ import annotations
@@ -129,7 +131,11 @@ def build_backbone(arch: str, channels: int, image_size: int) -> nn.Module:
 
 
 class SelaHeads(nn.Module):
-    """H linear heads of K clusters on shared features: (B, D) -> (H, B, K) logits."""
+    """H linear heads of K clusters on shared features: (B, D) -> (H, B, K) logits.
+
+    Like every head, ``forward(f) == embed(f) @ W[h].T + b[h]`` with ``(W, b) = score_weights()``:
+    the implicit labelling multiplies embeddings by those weights instead of storing the logits.
+    """
 
     def __init__(self, dim: int, k: int, heads: int) -> None:
         super().__init__()
@@ -138,14 +144,22 @@ class SelaHeads(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.stack([h(feats) for h in self.heads])
 
-    def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights (H, K, D) and biases (H, K): logits = feats @ W[h].T + b[h]."""
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """The rows the score weights multiply: the backbone features themselves."""
+        return feats
+
+    def score_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weights (H, K, D) and biases (H, K), detached: logits = embed(feats) @ W[h].T + b[h]."""
         return (torch.stack([h.weight for h in self.heads]).detach(),
                 torch.stack([h.bias for h in self.heads]).detach())
 
 
 class CarpHead(nn.Module):
-    """Projection MLP -> L2-normalised embedding -> cosine to K unit prototypes / temperature."""
+    """Projection MLP -> L2-normalised embedding -> cosine to K unit prototypes / temperature.
+
+    ``prototypes`` is the (K, bottleneck) parameter; ``embed(f)`` the normalised projection z, and
+    ``score_weights()`` the (1, K, bottleneck) normalised prototypes / temperature, no bias.
+    """
 
     def __init__(self, dim: int, k: int, hidden: int = 512, bottleneck: int = 128, temperature: float = 0.1) -> None:
         super().__init__()
@@ -154,9 +168,16 @@ class CarpHead(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(k, bottleneck) / bottleneck**0.5)
         self.temperature = temperature
 
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, D) backbone features -> (B, bottleneck) unit embeddings z."""
+        return F.normalize(self.mlp(feats), dim=-1)
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(self.mlp(feats), dim=-1)
-        return z @ F.normalize(self.prototypes, dim=-1).T / self.temperature
+        return self.embed(feats) @ F.normalize(self.prototypes, dim=-1).T / self.temperature
+
+    def score_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weights (1, K, bottleneck), detached, and no bias: logits = embed(feats) @ W[0].T."""
+        return (F.normalize(self.prototypes, dim=-1) / self.temperature).detach()[None], None
 
 
 class Network(nn.Module):
