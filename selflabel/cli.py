@@ -106,6 +106,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DIVERGED = 4  # exit status of `selflabel train` when the loss becomes NaN or infinite
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -114,21 +117,27 @@ def _train(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet", "no_tensorboard")}
     config = TrainConfig(**options, progress=not args.quiet, tensorboard=not args.no_tensorboard)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # started by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-        try:
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # started by torchrun
+            dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+            try:
+                train(config)
+            finally:
+                dist.destroy_process_group()
+        else:
             train(config)
-        finally:
-            dist.destroy_process_group()
-    else:
-        train(config)
+    except FloatingPointError as exc:  # the loss diverged: a result of the run, not a usage error
+        print(f"selflabel: error: training diverged: {exc}", file=sys.stderr)
+        return DIVERGED
     return 0
 
 
 def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train SeLa or CARP (default: SeLa on the bundled digits, a few minutes on CPU)",
                        description="Train a network with SeLa self-labelling or CARP and evaluate its clusters "
-                                   "against the true classes. Options left out get dataset-aware defaults.")
+                                   "against the true classes. Options left out get dataset-aware defaults.",
+                       epilog=f"exit status: 0 done (or stopped at --stop-after), 2 bad options or inputs, "
+                              f"{DIVERGED} the loss diverged (NaN or infinite: lower --lr and start again)")
     t.add_argument("--method", choices=["sela", "carp"], default="sela")
     t.add_argument("--data", default="digits",
                    help="digits (bundled, no download) | imagefolder:PATH | cifar10:PATH | cifar100:PATH | svhn:PATH")
@@ -146,7 +155,10 @@ def _add_train(sub) -> None:
     t.add_argument("--dtype", choices=["f32", "f64"], default="f64", help="solver precision")
     t.add_argument("--augs", type=int, choices=[0, 1, 2], default=None, help="augmentation: 0 none, 1 light, 2 strong")
     t.add_argument("--out", default="selflabel-run", help="folder for checkpoint.pt, metrics.json, tensorboard/")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same options)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with the same options (resolved defaults included; "
+                        "a difference is an error naming it); only --out, --device, --workers, --stop-after, "
+                        "--implicit, --memory-budget, --quiet and --no-tensorboard may change")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
     t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")

@@ -174,6 +174,76 @@ def test_cli_train_prints_scores_and_writes_outputs(tmp_path, capsys):
     assert "needs a path" in capsys.readouterr().err
 
 
+TINY = dict(epochs=2, nopts=2, batch_size=256, **FAST)  # 7 steps an epoch on digits
+
+
+def test_resume_refuses_changed_options_and_names_each(tmp_path):
+    train(out=str(tmp_path), stop_after=1, **TINY)
+    with pytest.raises(ValueError) as err:
+        train(out=str(tmp_path), resume=True, lr=0.1, lamb=10.0, wd=0.0, dtype="f32", **TINY)
+    msg = str(err.value)
+    for part in ("--lr: checkpoint 0.02, now 0.1", "--lamb: checkpoint 50.0, now 10.0",
+                 "--wd: checkpoint 0.0001, now 0.0", "--dtype: checkpoint 'f64', now 'f32'"):
+        assert part in msg
+    with pytest.raises(ValueError, match="--epochs: checkpoint 2, now 3"):
+        train(out=str(tmp_path), resume=True, **{**TINY, "epochs": 3})
+    # options left out resolve to the checkpoint's defaults; where and how it runs may change
+    res = train(out=str(tmp_path / ".." / tmp_path.name), resume=True, device="cpu", workers=1, implicit=True,
+                **TINY)
+    assert len(res.history) == 2
+
+
+def test_resume_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    train(out=str(tmp_path), stop_after=1, **TINY)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cannot be read .*truncated or not a selflabel checkpoint"):
+        train(out=str(tmp_path), resume=True, **TINY)
+    torch.save({"net": {}}, ckpt)
+    with pytest.raises(ValueError, match="not a selflabel checkpoint \\(missing optimizer"):
+        train(out=str(tmp_path), resume=True, **TINY)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("lr", 0.0, "--lr must be a finite number > 0"), ("lr", float("nan"), "--lr must be"),
+    ("lr", float("inf"), "--lr must be"), ("wd", -1e-4, "--wd must be a finite number >= 0"),
+    ("lamb", 0.0, "--lamb must be a finite number > 0"),
+    ("carp_momentum", 2.0, "--carp-momentum must be in \\[0, 1\\)"),
+    ("carp_momentum", 1.0, "--carp-momentum"), ("carp_local", -1, "--carp-local must be at least 0"),
+    ("carp_block", 1, "--carp-block must be in \\[2, ncl=10\\]"), ("carp_block", 11, "--carp-block"),
+    ("stop_after", -1, "--stop-after must be at least 1"), ("stop_after", 0, "--stop-after"),
+    ("workers", -1, "--workers must be at least 0"), ("seed", -1, "--seed must be in"),
+    ("memory_budget", "lots", "--memory-budget: memory_budget must be"),
+    ("device", "tpu", "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_numeric_options_are_validated(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        train(out=str(tmp_path), method="carp", **{**TINY, option: value})
+
+
+def test_cli_train_errors_are_clean(tmp_path, capsys):
+    file = tmp_path / "file.txt"
+    file.write_text("keep")
+    for argv, message in [
+        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--out", str(file)], "is a file; train writes a folder"),
+        (["--out", str(file / "run")], "Not a directory"),  # an OSError from makedirs
+        (["--stop-after", "-1"], "--stop-after must be at least 1"),
+        (["--method", "carp", "--carp-momentum", "2"], "--carp-momentum must be in [0, 1)"),
+        (["--method", "carp", "--carp-local", "-1"], "--carp-local must be at least 0"),
+        (["--resume", "--out", str(tmp_path / "none")], "no checkpoint"),
+    ]:
+        rc = cli_main(["train", "--epochs", "1", "--batch-size", "256", "--quiet", "--no-tensorboard", *argv])
+        assert rc == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("selflabel: error:") and message in err, (argv, err)
+    assert file.read_text() == "keep"
+    rc = cli_main(["train", "--lr", "1e6", "--epochs", "1", "--nopts", "1", "--out", str(tmp_path / "run"), "--quiet",
+                   "--no-tensorboard"])
+    assert rc == 4
+    assert "training diverged" in capsys.readouterr().err
+
+
 def test_heads_score_weights_give_their_logits():
     """logits == embed(f) @ W.T + b: what implicit labelling multiplies instead of storing the scores."""
     feats = torch.randn(6, 16)

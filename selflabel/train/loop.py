@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..features import sinkhorn_knopp_features
 from ..io import atomic_write, save_json
 from ..solver import sinkhorn_knopp
+from ..source import parse_bytes
 from ..store import ScoreStore
 from .carp import carp_loss, random_blocks
 from .data import ImageSet, ViewDataset, Views, load_image_set
@@ -115,7 +116,57 @@ def _resolve(cfg: TrainConfig, images: ImageSet) -> TrainConfig:
         raise ValueError("--hc applies to SeLa; CARP has one prototype head")
     if cfg.implicit and cfg.memory_budget:
         raise ValueError("--implicit never stores scores; --memory-budget is for stored scores: pick one")
+    _check_numbers(cfg)
+    if cfg.memory_budget is not None:
+        try:
+            parse_bytes(cfg.memory_budget)
+        except ValueError as exc:
+            raise ValueError(f"--memory-budget: {exc}") from None
+    _device(cfg.device)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} is a file; train writes a folder (checkpoint.pt, metrics.json, "
+                         "tensorboard/): name a folder, new or existing")
     return cfg
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every numeric option in its range, the error naming the flag."""
+    finite = math.isfinite
+    rules: list[tuple[str, bool, str]] = [
+        ("lr", finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
+        ("wd", finite(cfg.wd) and cfg.wd >= 0, "a finite number >= 0"),
+        ("lamb", finite(cfg.lamb) and cfg.lamb > 0, "a finite number > 0"),
+        ("carp_block", 2 <= cfg.carp_block <= cfg.ncl,
+         f"in [2, ncl={cfg.ncl}] (a softmax over one prototype is constant)"),
+        ("carp_local", cfg.carp_local is None or cfg.carp_local >= 0, "at least 0"),
+        ("carp_momentum", cfg.carp_momentum is None or (finite(cfg.carp_momentum) and 0 <= cfg.carp_momentum < 1),
+         "in [0, 1)"),
+        ("stop_after", cfg.stop_after is None or cfg.stop_after >= 1, "at least 1 (an epoch number)"),
+        ("workers", cfg.workers >= 0, "at least 0"),
+        ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"),
+    ]
+    for name, ok, want in rules:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)}")
+
+
+def _device(spec: str) -> torch.device:
+    """``--device``: auto (this rank's GPU under torchrun when there is one, else CPU), cpu, cuda, cuda:N."""
+    if spec == "auto":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: no CUDA GPU is available here; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def label_schedule(total_steps: int, nopts: int) -> list[int]:
@@ -164,6 +215,13 @@ def _aggregate(net: Network, images: ImageSet, idx: np.ndarray, batch_size: int,
     return torch.cat(feats), (torch.cat(outs, dim=1) if outs else None)
 
 
+def _check_finite(net: Network, step: int) -> None:
+    """A diverged network (a finite loss, then an infinite update) would give the solver NaN scores."""
+    for name, t in [*net.named_parameters(), *net.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FloatingPointError(f"the network's {name} is not finite at step {step}; lower --lr or check the data")
+
+
 def _relabel(net: Network, images: ImageSet, cfg: TrainConfig, shard: np.ndarray, world: int, init: Any):
     """Solve SeLa's labelling for the whole dataset; returns (labels (H, N) in dataset order, result)."""
     options = dict(lamb=cfg.lamb, dtype=torch.float64 if cfg.dtype == "f64" else torch.float32, init=init)
@@ -206,19 +264,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-_MUST_MATCH = ("method", "data", "arch", "ncl", "hc", "epochs", "batch_size", "nopts", "seed", "carp_block",
-               "carp_local", "augs")
+# options that may differ on --resume: where and how the run executes, not what it computes
+# (--implicit and --memory-budget change how the same labelling is stored, not its optimum);
+# every other option (resolved defaults included) must match the checkpoint's
+MAY_CHANGE_ON_RESUME = ("out", "resume", "device", "workers", "stop_after", "implicit", "memory_budget", "progress",
+                        "tensorboard", "evaluate")
+_CHECKPOINT_KEYS = ("net", "optimizer", "teacher", "labels", "log_v", "epoch", "step", "history", "rng", "config")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _load_checkpoint(path: str, cfg: TrainConfig) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run once without --resume first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = ckpt["config"]
-    diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in _MUST_MATCH
-            if saved[k] != getattr(cfg, k)]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, not a torch file, unpickling errors
+        raise ValueError(f"--resume: {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or not a "
+                         "selflabel checkpoint: restore it, or start again without --resume") from None
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(_CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"--resume: {path} is not a selflabel checkpoint (missing {', '.join(missing)}); "
+                         "start again without --resume")
+    saved, now = ckpt["config"], asdict(cfg)
+    diff = [f"{_flag(k)}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in now
+            if k not in MAY_CHANGE_ON_RESUME and k in saved and saved[k] != now[k]]
     if diff:
-        raise ValueError("--resume with different options than the checkpoint: " + "; ".join(diff))
+        allowed = [_flag(k) for k in MAY_CHANGE_ON_RESUME if k not in ("resume", "progress", "tensorboard", "evaluate")]
+        raise ValueError("--resume with options that differ from the checkpoint: " + "; ".join(diff)
+                         + f". Give the checkpoint's values (only {', '.join(allowed)}, --quiet and --no-tensorboard "
+                         "may change), or start again without --resume")
     return ckpt
 
 
@@ -265,11 +342,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     cfg = _resolve(cfg, images)
     rank, world = _world()
     main = rank == 0
-    if cfg.device == "auto":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = _device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -317,6 +390,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
 
     def relabel() -> None:
         nonlocal labels, log_v
+        _check_finite(net, step)
         labels, res = _relabel(net, images, cfg, shard, world, log_v)
         log_v = res.log_v.cpu()
         stats = _label_stats(labels, cfg.ncl)
@@ -359,7 +433,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
                 loss = consistency + entropy
                 parts = {"train/consistency": consistency.item(), "train/entropy": entropy.item()}
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step} (epoch {epoch + 1}); "
+                raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}); "
                                          "lower --lr or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -397,6 +471,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     if finished:
         if cfg.method == "carp":  # balanced labels from the prototype head, by the same solver
             cfg_eval = replace(cfg, hc=1)
+            _check_finite(net, step)
             labels, _ = _relabel(net, images, cfg_eval, shard, world, None)
         else:
             relabel()
