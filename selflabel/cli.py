@@ -119,6 +119,11 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(**options, progress=not args.quiet, tensorboard=not args.no_tensorboard)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # started by torchrun
+            # DDP imports torch._dynamo, which imports torch.distributed.nn.functional, whose defaults
+            # (group=group.WORLD) would hold the group past destroy_process_group: gloo's threads would
+            # then still be dropping the last collective's tensors while the interpreter exits (abort)
+            import torch._dynamo  # noqa: F401  (before the group exists)
+
             dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
             try:
                 train(config)

@@ -105,20 +105,47 @@ def test_torchrun_example(tmp_path):
     assert f"{single.n_iter} iterations" in proc.stdout
 
 
+# `python -m selflabel` (cli.main), then print the gloo threads still alive: destroy_process_group
+# must have joined them, else a gloo worker still releasing the last collective's tensors takes the
+# GIL while the interpreter finalises and the rank aborts ("terminate called without an active
+# exception"), at random
+_CLI_THEN_THREADS = """
+import os, sys
+from selflabel.cli import main
+rc = main(sys.argv[1:])
+names = []
+for tid in os.listdir("/proc/self/task"):
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as fh:
+            names.append(fh.read().strip())
+    except OSError:
+        pass
+print(f"rank {os.environ['RANK']}: gloo threads after main: {sorted(n for n in names if 'gloo' in n)}", flush=True)
+sys.exit(rc)
+"""
+
+
 def test_torchrun_training_loop(tmp_path):
     """SeLa's training loop under torchrun with 2 gloo ranks: DDP steps, distributed label updates."""
     import os
     import subprocess
     import sys
 
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs /proc to list the threads left after teardown")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                 str(_free_port())]
     out = tmp_path / "run"
-    args = ["-m", "selflabel", "train", "--arch", "mlp", "--epochs", "3", "--nopts", "3", "--batch-size", "64",
+    script = tmp_path / "cli_then_threads.py"
+    script.write_text(_CLI_THEN_THREADS)
+    args = [str(script), "train", "--arch", "mlp", "--epochs", "3", "--nopts", "3", "--batch-size", "64",
             "--out", str(out), "--no-tensorboard", "--quiet", "--device", "cpu"]
     proc = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr, proc.stderr[-3000:]
+    for rank in (0, 1):  # destroy_process_group joined gloo's threads on both ranks
+        assert f"rank {rank}: gloo threads after main: []" in proc.stdout, proc.stdout
     lines = [ln for ln in proc.stdout.splitlines() if "NMI" in ln]
     assert len(lines) == 1, proc.stdout  # rank 0 reports once
     nmi = float(lines[0].split("NMI ")[1].split()[0])
