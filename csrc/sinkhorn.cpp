@@ -11,6 +11,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -48,6 +52,39 @@ void check_vector(const at::Tensor& t, const at::Tensor& m, int64_t len, const c
   }
 }
 
+// Denormal floats cost a microcode assist per operation on x86 (measured: a float32
+// scaling pass over softmax outputs at lamb 25, where most kernel entries are tiny,
+// ran 10x slower). Each worker flushes them to zero (FTZ and DAZ) while it runs a
+// chunk and restores its previous mode after. The solver front bounds the plan mass
+// that values below the smallest normal number can carry, flushed or not.
+class FlushDenormals {
+ public:
+  FlushDenormals() {
+#if defined(__SSE2__)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040);  // FTZ (bit 15) | DAZ (bit 6)
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    saved_ = fpcr;
+    fpcr |= (uint64_t(1) << 24);  // FZ
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__SSE2__)
+    _mm_setcsr(static_cast<unsigned int>(saved_));
+#elif defined(__aarch64__)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  uint64_t saved_ = 0;
+};
+
 // Rows [0, N) cut into at most kMaxChunks chunks of at least kMinChunkRows rows,
 // a split that depends on N only. The threads take chunks from an atomic counter,
 // so a thread that shares its core (with a noisy neighbour) does fewer chunks
@@ -70,6 +107,7 @@ class RowChunks {
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min(threads_, count_);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      const FlushDenormals ftz;
       for (int64_t c = next++; c < count_; c = next++) f(c, c * rows_, std::min(N_, (c + 1) * rows_));
     });
   }
@@ -194,6 +232,10 @@ void with_rows(const at::Tensor& mat, const c10::optional<at::Tensor>& shift, do
 // ---------------------------------------------------------------------------
 // prepare: scores -> kernel matrix, one read of S and one write of the output.
 // ---------------------------------------------------------------------------
+// The row sum is accumulated scaled by 2^-64 (exact), so finite float64 scores never
+// overflow it: NaN in the sum then means a NaN (or +inf and -inf) in the row.
+constexpr acc_t kSumScale = 0x1p-64;
+
 template <typename T>
 void prepare_rows(const T* __restrict__ S, T* __restrict__ O, T* rmax, double* rsum, double* rmin,
                   acc_t* __restrict__ cm, int64_t begin, int64_t end, int64_t K, T lam, bool probs,
@@ -207,13 +249,15 @@ void prepare_rows(const T* __restrict__ S, T* __restrict__ O, T* rmax, double* r
     for (int64_t j = 0; j < K; ++j) {
       mx = vmax(mx, s[j]);
       mn = vmin(mn, s[j]);
-      sum += static_cast<acc_t>(s[j]);
+      sum += static_cast<acc_t>(s[j]) * kSumScale;
     }
+    sum /= kSumScale;
     rsum[i] = sum;
     rmin[i] = mn;
     const T m = probs ? vlog(mx) : mx;
     rmax[i] = m;
-    if (!std::isfinite(sum) || !std::isfinite(m)) {  // invalid row: the front raises
+    // Invalid rows (NaN, +inf, or no finite entry): the front raises. -inf entries are fine.
+    if (std::isnan(sum) || !std::isfinite(m)) {
       std::fill(o, o + K, T(0));
       continue;
     }
@@ -438,30 +482,52 @@ void log_pass_impl(const at::Tensor& L, RowsOf rows_of, const at::Tensor& log_a,
 }
 
 // ---------------------------------------------------------------------------
-// labels: argmax_j of M_ij * v_j (linear) or L_ij + g_j (log), first index on ties.
+// labels: argmax_j of M_ij * v_j (linear) or L_ij + g_j (log). Ties go round the
+// clusters: row i (global index, `row_offset` + local) takes the first maximum at or
+// after column i mod K, wrapping around, so rows with equal scores get balanced labels.
+// Values within kTieUlps roundings of the maximum count as tied (equal rows then tie
+// whatever the summation order that produced v).
 // ---------------------------------------------------------------------------
+constexpr double kTieUlps = 64;
+
+template <typename T>
+inline T tie_floor(T best, bool linear) {
+  const T slack = static_cast<T>(kTieUlps) * std::numeric_limits<T>::epsilon();
+  return linear ? best - slack * best : best - slack * std::max(T(1), std::abs(best));
+}
+
 template <typename T, typename Rows>
 void label_rows(const Rows& src, const T* __restrict__ col, bool linear, int64_t* O, int64_t begin,
-                int64_t end, int64_t K) {
-  std::vector<T> scratch(K);
+                int64_t end, int64_t K, int64_t row_offset) {
+  std::vector<T> scratch(K), vals(K);
+  T* __restrict__ x = vals.data();
   for (int64_t i = begin; i < end; ++i) {
     const T* __restrict__ row = src.row(i, scratch.data());
-    int64_t best = 0;
-    T bv = linear ? row[0] * col[0] : row[0] + col[0];
-    for (int64_t j = 1; j < K; ++j) {
-      const T x = linear ? row[j] * col[j] : row[j] + col[j];
-      if (x > bv) {
-        bv = x;
-        best = j;
+    T best = -std::numeric_limits<T>::infinity();
+    if (linear) {
+#pragma omp simd reduction(max : best)
+      for (int64_t j = 0; j < K; ++j) best = vmax(best, x[j] = row[j] * col[j]);
+    } else {
+#pragma omp simd reduction(max : best)
+      for (int64_t j = 0; j < K; ++j) best = vmax(best, x[j] = row[j] + col[j]);
+    }
+    const T floor = tie_floor(best, linear);
+    const int64_t start = (row_offset + i) % K;
+    int64_t label = start;
+    for (int64_t step = 0; step < K; ++step) {
+      const int64_t j = start + step < K ? start + step : start + step - K;
+      if (x[j] >= floor) {
+        label = j;
+        break;
       }
     }
-    O[i] = best;
+    O[i] = label;
   }
 }
 
 template <typename scalar_t, typename RowsOf>
 void labels_impl(const at::Tensor& mat, RowsOf rows_of, const at::Tensor& log_v, bool linear, at::Tensor& out,
-                 int64_t threads) {
+                 int64_t threads, int64_t row_offset) {
   const int64_t H = mat.size(0), N = mat.size(1), K = mat.size(2);
   for (int64_t h = 0; h < H; ++h) {
     const auto rows = rows_of(h);
@@ -470,7 +536,7 @@ void labels_impl(const at::Tensor& mat, RowsOf rows_of, const at::Tensor& log_v,
     for (int64_t j = 0; j < K; ++j) col[j] = linear ? std::exp(LV[j]) : LV[j];
     int64_t* O = out.data_ptr<int64_t>() + h * N;
     RowChunks(N, threads).run([&](int64_t, int64_t begin, int64_t end) {
-      label_rows<scalar_t>(rows, col.data(), linear, O, begin, end, K);
+      label_rows<scalar_t>(rows, col.data(), linear, O, begin, end, K, row_offset);
     });
   }
 }
@@ -577,17 +643,21 @@ std::vector<at::Tensor> log_pass(const at::Tensor& L, const at::Tensor& log_a, a
 }
 
 // In score mode `linear` also selects the kernel: exp(lamb (x - m)) when true, lamb (x - m) otherwise.
+// `row_offset`: the global index of the first row (ties are broken by global row index).
 at::Tensor labels(const at::Tensor& mat, const at::Tensor& log_v, bool linear,
-                  const c10::optional<at::Tensor>& shift, double lamb, bool probs, int64_t threads) {
+                  const c10::optional<at::Tensor>& shift, double lamb, bool probs, int64_t threads,
+                  int64_t row_offset) {
   check_matrix(mat, "mat");
   TORCH_CHECK(mat.is_contiguous(), "mat must be contiguous");
   check_vector(log_v, mat, mat.size(2), "log_v");
   check_shift(shift, mat, lamb);
   check_threads(threads);
+  TORCH_CHECK(row_offset >= 0, "row_offset must be >= 0, got ", row_offset);
   at::Tensor out = at::empty({mat.size(0), mat.size(1)}, mat.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(mat.scalar_type(), "selflabel_labels", [&] {
     with_rows<scalar_t>(mat, shift, lamb, probs, /*expo=*/linear,
-                        [&](auto rows_of) { labels_impl<scalar_t>(mat, rows_of, log_v, linear, out, threads); });
+                        [&](auto rows_of) { labels_impl<scalar_t>(mat, rows_of, log_v, linear, out, threads, row_offset);
+                        });
   });
   return out;
 }
@@ -623,7 +693,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("probs") = false, py::arg("threads") = 0);
   m.def("labels", &selflabel::labels, "hard labels from the kernel matrix and column duals", py::arg("mat"),
         py::arg("log_v"), py::arg("linear"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
-        py::arg("probs") = false, py::arg("threads") = 0);
+        py::arg("probs") = false, py::arg("threads") = 0, py::arg("row_offset") = 0);
   m.def("vec_exp", &selflabel::vec_exp, "vectorised exp used by the kernels", py::arg("x"));
   m.def("vec_log", &selflabel::vec_log, "vectorised log used by the kernels", py::arg("x"));
 }

@@ -10,8 +10,8 @@ column tiles twice (row statistics, then the output; the second read hits L2).
 
 Outputs: OUT (H, N, K), ROWMAX m (H, N), ROWSUM / ROWMIN of the raw scores (H, N)
 (validation), and COLMAX_PART (H, P, K): each program's column max of lamb (x - m),
-reduced with a max after the launch. Rows whose sum or max is not finite are
-written as 0 (the solver front raises on them).
+reduced with a max after the launch. Rows with a NaN or no finite maximum are
+written as 0 (the solver front raises on them); -inf entries are kernel zeros.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 
 from ._common import configs, max_programs
+
+SUM_SCALE: tl.constexpr = tl.constexpr(5.421010862427522e-20)  # 2**-64
 
 
 @triton.autotune(
@@ -51,11 +53,11 @@ def _prepare_kernel(S, OUT, ROWMAX, ROWSUM, ROWMIN, COLMAX_PART, NPROG, N, K, la
             x = tl.load(S + roff + cols[None, :], mask=mask, other=0.0)
             mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
             mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
-            sm += tl.sum(x, axis=1)
+            sm += tl.sum(x * SUM_SCALE, axis=1)  # scaled by 2**-64: finite scores never overflow it
         m = tl.log(mx) if PROBS else mx
-        ok = (sm - sm == 0) & (m - m == 0)  # finite
+        ok = (sm == sm) & (m - m == 0)  # no NaN (or +inf and -inf) in the row, finite max; -inf entries are fine
         tl.store(ROWMAX + h * N + rows, m, mask=rmask)
-        tl.store(ROWSUM + h * N + rows, sm.to(tl.float64), mask=rmask)
+        tl.store(ROWSUM + h * N + rows, sm.to(tl.float64) * 18446744073709551616.0, mask=rmask)
         tl.store(ROWMIN + h * N + rows, mn.to(tl.float64), mask=rmask)
         m_safe = tl.where(ok, m, 0.0)
         for k0 in range(0, K, BLOCK_K):

@@ -91,9 +91,17 @@ def test_labels(dtype, linear):
     assert torch.equal(got, ref)
 
 
-def test_labels_first_index_on_ties():
-    mat = torch.zeros(1, 4, 6)
-    assert torch.equal(CpuBackend().labels(mat, torch.zeros(1, 6), False), torch.zeros(1, 4, dtype=torch.long))
+@pytest.mark.parametrize("linear", [True, False])
+@pytest.mark.parametrize("offset", [0, 5, 1000003])
+def test_labels_ties_go_round_the_clusters(linear, offset):
+    """Row i (global index offset + i) takes the first maximum at or after column i mod K."""
+    mat = torch.ones(2, 9, 6) if linear else torch.zeros(2, 9, 6)
+    mat[1, :, 4] = 0.5 if linear else -1.0  # head 1: cluster 4 never ties for the max
+    got = CpuBackend().labels(mat, torch.zeros(2, 6), linear, row_offset=offset)
+    start = (offset + torch.arange(9)) % 6
+    assert torch.equal(got[0], start)
+    assert torch.equal(got[1], torch.where(start == 4, 5, start))
+    assert torch.equal(got, TorchBackend().labels(mat, torch.zeros(2, 6), linear, offset))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

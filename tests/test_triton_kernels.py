@@ -94,11 +94,17 @@ def test_labels_kernel(shape, dtype, linear):
     assert torch.equal(labels_k.labels(mat, log_v, linear), labels_k.torch_reference(mat, log_v, linear))
 
 
-def test_labels_kernel_first_index_on_ties():
+@pytest.mark.parametrize("offset", [0, 68])
+def test_labels_kernel_ties_go_round_the_clusters(offset):
+    """Row i takes the first maximum at or after column (offset + i) mod K, across column tiles."""
     mat = torch.zeros(1, 5, 70, device=DEV)
-    mat[0, 2, [40, 65]] = 1.0
-    out = labels_k.labels(mat, torch.zeros(1, 70, device=DEV), False)
-    assert out.tolist() == [[0, 0, 40, 0, 0]]
+    mat[0, 2, [40, 65]] = 1.0  # row 2: two tied maxima
+    mat[0, 3] = -1e-30  # row 3: every entry ties within rounding
+    out = labels_k.labels(mat, torch.zeros(1, 70, device=DEV), False, offset)
+    start = [(offset + i) % 70 for i in range(5)]
+    row2 = 40 if start[2] <= 40 or start[2] > 65 else 65
+    assert out.tolist() == [[start[0], start[1], row2, start[3], start[4]]]
+    assert torch.equal(out, labels_k.torch_reference(mat, torch.zeros(1, 70, device=DEV), False, offset))
 
 
 @pytest.mark.parametrize("algorithm", ["scaling", "log", "auto"])

@@ -50,8 +50,14 @@ class Backend(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """f <- log a - LSE_j(L + g) in place; return (log column mass (H, K), row change (H,))."""
 
-    def labels(self, mat: torch.Tensor, log_v: torch.Tensor, linear: bool) -> torch.Tensor:
-        """argmax_j of mat*exp(log_v) (linear) or mat + log_v, int64 (H, N)."""
+    # Optional: ``log_view(prep, scores, lamb, probs)`` gives the log kernel of a prepared scaling
+    # kernel without a new N x K matrix (backends whose passes recompute kernel rows from the
+    # scores); the front then checks scaling duals exactly in the log domain at no memory cost.
+
+    def labels(self, mat: torch.Tensor, log_v: torch.Tensor, linear: bool, row_offset: int = 0) -> torch.Tensor:
+        """argmax_j of mat*exp(log_v) (linear) or mat + log_v, int64 (H, N). Ties go round the
+        clusters: row i (global index ``row_offset + i``) takes the first maximum at or after
+        column i mod K, so rows with equal scores get balanced labels."""
 
 
 def resolve_device(device: str | torch.device | None, default: torch.device | None = None) -> torch.device:

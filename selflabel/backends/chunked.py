@@ -18,7 +18,7 @@ the device; only row blocks travel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -255,6 +255,10 @@ class ChunkedBackend:
         mat.shift = rowmax
         return Prepared(mat, rowmax, colmax, rowsum, rowmin)
 
+    def log_view(self, prep: Prepared, scores: ChunkedScores, lamb: float, probs: bool) -> Streamed:
+        """The log kernel of ``prep`` (already a recomputed stream): the same stream, read as logs."""
+        return replace(prep.mat, exponentiate=False)
+
     # Column sums are combined across blocks in float64, as the kernel does within a block.
     def scaling_pass(self, mat: Streamed, a, u, v):
         w = torch.zeros(v.shape, dtype=torch.float64, device=self.device)
@@ -278,9 +282,9 @@ class ChunkedBackend:
             change += cb
         return logw.to(g.dtype), change
 
-    def labels(self, mat: Streamed, log_v, linear):
+    def labels(self, mat: Streamed, log_v, linear, row_offset=0):
         h, n, _ = mat.shape
         out = torch.empty(h, n, dtype=torch.long, device=self.device)
         for lo, hi, kb in mat.kernel_blocks(self.inner):
-            out[:, lo:hi] = self.inner.labels(kb, log_v, linear)
+            out[:, lo:hi] = self.inner.labels(kb, log_v, linear, row_offset + lo)
         return out

@@ -38,6 +38,10 @@ class CpuBackend:
     def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
         return Prepared(*self._C.prepare(scores, float(lamb), probs, exponentiate, threads=self.threads))
 
+    def log_view(self, prep: Prepared, scores: torch.Tensor, lamb: float, probs: bool) -> ScoreBlock:
+        """The log kernel of ``prep``, recomputed row by row from the scores inside the passes."""
+        return ScoreBlock(scores, prep.rowmax, float(lamb), probs)
+
     def scaling_pass(self, M, a, u, v):
         M, mode = _operands(M)
         w, change = self._C.scaling_pass(M, a, u, v, **mode, threads=self.threads)
@@ -48,6 +52,6 @@ class CpuBackend:
         logw, change = self._C.log_pass(L, log_a, f, g, **mode, threads=self.threads)
         return logw, change
 
-    def labels(self, mat, log_v, linear):
+    def labels(self, mat, log_v, linear, row_offset=0):
         mat, mode = _operands(mat)
-        return self._C.labels(mat, log_v.contiguous(), linear, **mode, threads=self.threads)
+        return self._C.labels(mat, log_v.contiguous(), linear, **mode, threads=self.threads, row_offset=row_offset)

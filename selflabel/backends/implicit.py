@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import Prepared
+from .torch_ref import argmax_round
 
 
 @dataclass
@@ -94,9 +95,10 @@ class ImplicitTritonBackend:
                for h in range(src.shape[0])]
         return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 
-    def labels(self, mat: _Implicit, log_v, linear):
+    def labels(self, mat: _Implicit, log_v, linear, row_offset=0):
         h, n, _ = mat.shape
         out = torch.empty(h, n, dtype=torch.long, device=mat.scores.device)
         for lo, hi, s in mat.scores.row_blocks(mat.rowmax.dtype, self.block_bytes):
-            out[:, lo:hi] = (mat.lamb * (s - mat.rowmax[:, lo:hi, None]) + log_v[:, None, :]).argmax(-1)
+            out[:, lo:hi] = argmax_round(mat.lamb * (s - mat.rowmax[:, lo:hi, None]) + log_v[:, None, :],
+                                         row_offset + lo)
         return out

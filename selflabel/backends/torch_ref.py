@@ -7,16 +7,22 @@ import torch
 
 from . import Prepared
 
+SUM_SCALE = 2.0**-64
+
 
 class TorchBackend:
     name = "torch"
 
     def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
-        rowsum = scores.sum(-1, dtype=torch.float64)
+        # summed scaled by 2**-64 (exact) so that finite float64 scores cannot overflow the sum
+        if scores.dtype == torch.float64:
+            rowsum = (scores * SUM_SCALE).sum(-1) / SUM_SCALE
+        else:
+            rowsum = scores.sum(-1, dtype=torch.float64)
         rowmin = scores.amin(-1).double()
         x = torch.log(scores) if probs else scores
         rowmax = x.amax(-1)
-        ok = torch.isfinite(rowsum) & torch.isfinite(rowmax)
+        ok = ~torch.isnan(rowsum) & torch.isfinite(rowmax)  # -inf entries are fine (no mass)
         mat = lamb * (x - torch.where(ok, rowmax, 0)[..., None])
         mat = torch.where(ok[..., None], mat, 0)
         colmax = mat.amax(1)
@@ -39,7 +45,24 @@ class TorchBackend:
         logw = torch.logsumexp(L + f[..., None], dim=1) + g
         return logw, change
 
-    def labels(self, mat, log_v, linear):
-        if linear:
-            return (mat * torch.exp(log_v)[:, None, :]).argmax(-1)
-        return (mat + log_v[:, None, :]).argmax(-1)
+    def labels(self, mat, log_v, linear, row_offset=0):
+        vals = mat * torch.exp(log_v)[:, None, :] if linear else mat + log_v[:, None, :]
+        return argmax_round(vals, row_offset, linear)
+
+
+TIE_ULPS = 64  # values within this many roundings of a row's maximum count as tied
+
+
+def argmax_round(vals: torch.Tensor, row_offset: int = 0, linear: bool = False) -> torch.Tensor:
+    """argmax over the last axis of (H, n, K) values; ties go round the clusters: row i
+    (global index ``row_offset + i``) takes the first maximum at or after column i mod K.
+    Values within ``TIE_ULPS`` roundings of the maximum (relative for ``linear`` values,
+    else relative to max(1, |max|)) count as tied."""
+    _, n, k = vals.shape
+    cols = torch.arange(k, device=vals.device)
+    start = (row_offset + torch.arange(n, device=vals.device)) % k  # (n,)
+    best = vals.amax(-1, keepdim=True)
+    slack = TIE_ULPS * torch.finfo(vals.dtype).eps
+    tied = vals >= (best - slack * best if linear else best - slack * best.abs().clamp(min=1))
+    key = torch.where(tied, (cols - start[:, None]) % k, k)  # steps from the row's start column
+    return (key.amin(-1) + start) % k

@@ -29,5 +29,5 @@ class TritonBackend:
     def log_pass(self, L, log_a, f, g):
         return self._log.log_pass(L, log_a, f, g)
 
-    def labels(self, mat, log_v, linear):
-        return self._labels.labels(mat, log_v, linear)
+    def labels(self, mat, log_v, linear, row_offset=0):
+        return self._labels.labels(mat, log_v, linear, row_offset)
