@@ -9,6 +9,12 @@ code path.
 
 from __future__ import annotations
 
+import math
+import numbers
+import zlib
+from typing import Any
+
+import numpy as np
 import torch
 
 try:
@@ -18,7 +24,34 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 
 class RankInputError(ValueError):
-    """Raised on every rank when some rank's input is invalid (instead of a hang)."""
+    """Raised on every rank when some rank's input is invalid or the ranks' options differ
+    (instead of a hang or an abort)."""
+
+
+class RankFailedError(RuntimeError):
+    """Raised on the other ranks when one rank's local work fails during a solve."""
+
+
+def _fingerprint(value: Any) -> float:
+    """A float64 that is equal on two ranks when ``value`` is (numbers by value, everything
+    else by a CRC-32 of its bytes, exact in float64)."""
+    if value is None:
+        return -1.0
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, numbers.Real):
+        x = float(value)
+        return x if math.isfinite(x) else float(zlib.crc32(repr(x).encode()))
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        arr = np.ascontiguousarray(torch.as_tensor(value).detach().cpu().double().numpy())
+        return float(zlib.crc32(repr(arr.shape).encode() + arr.tobytes()))
+    return float(zlib.crc32(str(value).encode()))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"<{type(value).__name__} of shape {tuple(value.shape)}>"
+    return repr(value)
 
 
 class Reducer:
@@ -63,35 +96,91 @@ class Reducer:
         s = self.sum_(torch.exp(logw - m_safe))
         return m_safe + torch.log(s)
 
-    def agree(self, error: Exception | None, heads: int, k: int, n: int, row_marginal_given: bool = False) -> int:
-        """Check every rank's input at once; return the total number of rows.
+    def agree(self, error: Exception | None, n: int, options: dict[str, Any],
+              row_marginal_given: bool = False) -> tuple[int, int]:
+        """Check every rank's input and options at once; return (total rows, this rank's first row).
 
-        One collective carries each rank's error flag, H, K and whether it passed a
-        row_marginal (then one sums N). A rank with bad input re-raises its own error; the
-        others raise RankInputError. Ranks that disagree on H, K or row_marginal all raise
-        RankInputError.
+        ``options`` maps the name of every option that shapes the collectives or the answer
+        (dtype, H, K, lamb, ...) to its value on this rank (numbers, strings, tensors or None).
+        One all_reduce carries each rank's error flag and a fingerprint of every option (as max
+        and -min), one all_gather the row counts. A rank with bad input re-raises its own
+        error; the others raise RankInputError. Options that differ between ranks make every
+        rank raise RankInputError naming them.
         """
         if not self.active:
             if error is not None:
                 raise error
-            return n
-        given = float(row_marginal_given)
-        info = torch.tensor([float(error is not None), heads, -heads, k, -k, given, -given], dtype=torch.float64,
-                            device=self._device())
-        self.max_(info)
-        total = self.sum_(torch.tensor([float(n)], dtype=torch.float64, device=self._device()))
+            return n, 0
+        names = [*options, "row_marginal given"]
+        prints = [_fingerprint(v) for v in options.values()] + [float(row_marginal_given)]
+        vec = torch.tensor([float(error is not None), *prints, *(-p for p in prints)], dtype=torch.float64,
+                           device=self._device())
+        self.max_(vec)
+        counts = [torch.zeros(1, dtype=torch.float64, device=self._device()) for _ in range(self.world)]
+        dist.all_gather(counts, torch.tensor([float(n)], dtype=torch.float64, device=self._device()), group=self.group)
+        sizes = [int(c.item()) for c in counts]
         if error is not None:
             raise error
-        if info[0] > 0:
+        if vec[0] > 0:
             raise RankInputError(f"rank {self.rank}: another rank's input is invalid (see its error); "
                                  "no rank solves")
-        if info[5] != -info[6]:
+        m = len(prints)
+        differ = [name for i, name in enumerate(names) if vec[1 + i] != -vec[1 + m + i]]
+        if "row_marginal given" in differ:
             raise RankInputError("row_marginal must be given on every rank (its shard) or on none")
-        if info[1] != -info[2] or info[3] != -info[4]:
-            raise RankInputError(f"ranks disagree on the number of heads or clusters: H in "
-                                 f"[{int(-info[2])}, {int(info[1])}], K in [{int(-info[4])}, {int(info[3])}]; "
-                                 "every rank must pass scores with the same K (and H)")
-        return int(total.item())
+        if differ:
+            raise RankInputError(f"ranks disagree on {', '.join(differ)}: every rank must pass the same "
+                                 f"{'value' if len(differ) == 1 else 'values'} (this rank has "
+                                 + ", ".join(f"{k}={_describe(options[k])}" for k in differ) + ")")
+        return sum(sizes), sum(sizes[: self.rank])
+
+    def check(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank hit ``error`` in local work since the last collective.
+
+        A rank that failed re-raises its own exception; the others raise RankFailedError. Every
+        rank must call this at the same point (it is one small all_reduce)."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        flag = torch.tensor([float(error is not None)], dtype=torch.float64, device=self._device())
+        self._raise_if_failed(self.max_(flag)[0], error)
+
+    def _raise_if_failed(self, flag: torch.Tensor, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+        if float(flag) > 0:
+            raise RankFailedError(f"rank {self.rank}: another rank failed during the solve (see its error); "
+                                  "every rank stopped")
+
+    def sum_checked_(self, t: torch.Tensor, error: BaseException | None) -> torch.Tensor:
+        """``sum_(t)`` that also carries this rank's failure flag: if any rank failed (its local
+        work raised ``error``), every rank raises instead of waiting for it."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return t
+        flat = torch.cat([torch.zeros_like(t).reshape(-1) if error is not None else t.reshape(-1),
+                          torch.tensor([float(error is not None)], dtype=t.dtype, device=t.device)])
+        self.sum_(flat)
+        self._raise_if_failed(flat[-1], error)
+        t.copy_(flat[:-1].view_as(t))
+        return t
+
+    def logsumexp_checked_(self, logw: torch.Tensor, error: BaseException | None) -> torch.Tensor:
+        """``logsumexp_(logw)`` with this rank's failure flag carried by its max step."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return logw
+        flat = torch.cat([torch.full_like(logw, float("-inf")).reshape(-1) if error is not None else logw.reshape(-1),
+                          torch.tensor([float(error is not None)], dtype=logw.dtype, device=logw.device)])
+        self.max_(flat)
+        self._raise_if_failed(flat[-1], error)
+        m = flat[:-1].view_as(logw)
+        m_safe = torch.where(torch.isfinite(m), m, 0)
+        s = self.sum_(torch.exp(logw - m_safe))
+        return m_safe + torch.log(s)
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate (H, N_r) tensors along rows in rank order (unequal N_r allowed)."""

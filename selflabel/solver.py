@@ -14,11 +14,12 @@ with potentials f = log u, g = log v and log-sum-exps (see csrc/sinkhorn.cpp).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from .backends.chunked import ChunkedBackend, ChunkedScores, rows_per_block
 from .backends.implicit import FeatureScores, ImplicitTritonBackend
 from .distributed import Reducer
 from .result import SinkhornResult
-from .source import make_source, parse_bytes
+from .source import check_float_dtype, make_source, parse_bytes
 
 KINDS = ("logits", "log_probs", "probs")
 ALGORITHMS = ("auto", "scaling", "log")
@@ -46,19 +47,22 @@ SCALING_SAFE_LOG = {torch.float32: 0.5 * math.log(torch.finfo(torch.float32).max
 def _as_tensor(scores: Any, name: str = "scores") -> torch.Tensor:
     if isinstance(scores, (str, os.PathLike)):
         path = os.fspath(scores)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{name}: {path!r} is a directory; pass a .npy file")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{name}: no such file {path!r}")
         scores = np.load(path, mmap_mode="r", allow_pickle=False)
     if isinstance(scores, np.ndarray):
-        if scores.dtype.kind not in "f":
-            raise TypeError(f"{name} must hold floating-point values, got numpy dtype {scores.dtype}; "
-                            "cast it, e.g. scores.astype(np.float32)")
+        check_float_dtype(scores.dtype, name)
+        if any(st < 0 for st in scores.strides):  # torch cannot view negative strides: copy
+            scores = np.ascontiguousarray(scores)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only memmaps: we never write to them
             return torch.from_numpy(scores)
     if isinstance(scores, torch.Tensor):
-        return scores
-    if isinstance(scores, Sequence) and len(scores) > 0:
+        check_float_dtype(scores.dtype, name)
+        return scores.detach()
+    if isinstance(scores, Sequence) and not isinstance(scores, (str, bytes)) and len(scores) > 0:
         heads = [_as_tensor(s, f"{name}[{i}]") for i, s in enumerate(scores)]
         shapes = {tuple(h.shape) for h in heads}
         if len(shapes) != 1 or heads[0].dim() != 2:
@@ -85,10 +89,10 @@ def _check_marginal(x: Any, n: int, name: str, length_name: str, device: torch.d
     """Validate a marginal; float64, not yet normalised (None: uniform)."""
     if x is None:
         return None
-    t = torch.as_tensor(x, device=device)
+    t = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, device=device)
     if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{name} must be numeric, got {t.dtype}")
-    t = t.to(torch.float64)
+    t = t.detach().to(torch.float64)
     if t.dim() != 1 or t.numel() != n:
         raise ValueError(f"{name} must have shape ({n},) to match {length_name}={n}, got {tuple(t.shape)}")
     if not torch.isfinite(t).all():
@@ -100,13 +104,13 @@ def _check_marginal(x: Any, n: int, name: str, length_name: str, device: torch.d
     return t
 
 
-def _normalise(t: torch.Tensor, name: str, dtype: torch.dtype, reducer: Reducer | None = None) -> torch.Tensor:
-    """``t`` divided by its total (across ranks with a reducer), warning if that was off 1."""
+def _normalise(t: torch.Tensor, name: str, reducer: Reducer | None = None) -> torch.Tensor:
+    """``t`` (float64) divided by its total (across ranks with a reducer), warning if that was off 1."""
     total_t = t.sum().reshape(1)
     total = float((reducer.sum_(total_t) if reducer is not None else total_t)[0])
     if abs(total - 1.0) > MARGINAL_SUM_TOL:
         warnings.warn(f"{name} sums to {total:.6g}, not 1; normalising it", UserWarning, stacklevel=3)
-    return (t / total).to(dtype)
+    return t / total
 
 
 def _budget(memory_budget: int | str | None, device: torch.device) -> int:
@@ -117,8 +121,28 @@ def _budget(memory_budget: int | str | None, device: torch.device) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
-def _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every) -> float:
-    if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not math.isfinite(lamb) or lamb <= 0:
+def _real(x: Any, name: str, hint: str) -> float:
+    """A finite real number (Python, numpy or 0-d tensor), else ValueError naming ``name``."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool:
+        x = x.item()
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
+        raise ValueError(f"{name} must be {hint}, got {x!r}")
+    return float(x)
+
+
+def _count(x: Any, name: str) -> int:
+    """A positive integer (Python, numpy or 0-d integer tensor), else ValueError naming ``name``."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.dtype.is_floating_point and x.dtype != torch.bool:
+        x = x.item()
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or int(x) < 1:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+    return int(x)
+
+
+def _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every) -> tuple[float, float, int, int]:
+    """Validated (lamb, tol, max_iter, check_every) as Python numbers."""
+    lamb = _real(lamb, "lamb", "a positive finite number (SeLa uses 25)")
+    if lamb <= 0:
         raise ValueError(f"lamb must be a positive finite number (SeLa uses 25), got {lamb!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -126,39 +150,60 @@ def _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every)
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be a positive int, got {check_every!r}")
-    tol = DEFAULT_TOL[criterion] if tol is None else tol
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite number >= 0 (0 runs exactly max_iter iterations), got {tol!r}")
-    return float(tol)
+    max_iter = _count(max_iter, "max_iter")
+    check_every = _count(check_every, "check_every")
+    hint = "a finite number >= 0 (0 runs exactly max_iter iterations)"
+    tol = DEFAULT_TOL[criterion] if tol is None else _real(tol, "tol", hint)
+    if tol < 0:
+        raise ValueError(f"tol must be {hint}, got {tol!r}")
+    return lamb, tol, max_iter, check_every
 
 
-def _validate_prepared(prep, probs: bool) -> None:
-    bad = ~(torch.isfinite(prep.rowsum) & torch.isfinite(prep.rowmax))
+def probs_sum_tol(dtype: torch.dtype) -> float:
+    """How far from 1 a row of probabilities stored in ``dtype`` may sum: 1e-3, or two
+    machine epsilons of a coarser storage dtype (bfloat16 rounds each entry by up to 2**-9)."""
+    return max(PROBS_SUM_TOL, 2 * torch.finfo(dtype).eps)
+
+
+def _validate_prepared(prep, probs: bool, storage: torch.dtype, raw: torch.Tensor | None = None) -> None:
+    """Raise on rows the solver cannot use. Logits may hold -inf (no mass) but not NaN or +inf."""
+    bad = torch.isnan(prep.rowsum) | torch.isnan(prep.rowmax) | (prep.rowmax == math.inf)
     if probs:
-        bad |= prep.rowmin < 0
+        bad |= torch.isinf(prep.rowsum)
     if bad.any():
         h, i = (int(x) for x in bad.nonzero()[0])
-        if probs and prep.rowmin[h, i] < 0:
+        if raw is not None and raw.dtype != prep.rowmax.dtype and bool(torch.isfinite(raw[h, i]).all()):
+            big = float(raw[h, i].abs().max())
+            raise ValueError(f"scores: row {i} (head {h}) holds {big:.4g}, beyond the range of "
+                             f"{prep.rowmax.dtype}; pass dtype=torch.float64 or rescale the scores")
+        raise ValueError(f"scores contain NaN or +inf (row {i}, head {h}); clean the network outputs first "
+                         "(-inf logits and zero probabilities are fine: they mean no mass)")
+    if probs:
+        if (prep.rowmin < 0).any():
+            h, i = (int(x) for x in (prep.rowmin < 0).nonzero()[0])
             raise ValueError(f"scores: kind='probs' needs non-negative probabilities; row {i} (head {h}) has "
                              f"{float(prep.rowmin[h, i]):.4g}; pass kind='logits' for raw network outputs")
-        raise ValueError(f"scores contain NaN or inf (row {i}, head {h}); clean the network outputs first")
-    if probs:
-        off = (prep.rowsum - 1).abs() > PROBS_SUM_TOL
+        tol = probs_sum_tol(storage)
+        off = (prep.rowsum - 1).abs() > tol
         if off.any():
             h, i = (int(x) for x in off.nonzero()[0])
-            raise ValueError(f"scores: kind='probs' needs rows summing to 1 (tolerance {PROBS_SUM_TOL}); row {i} "
-                             f"(head {h}) sums to {float(prep.rowsum[h, i]):.6g}; apply softmax or use kind='logits'")
+            raise ValueError(f"scores: kind='probs' needs rows summing to 1 (tolerance {tol:.3g} for {storage}); "
+                             f"row {i} (head {h}) sums to {float(prep.rowsum[h, i]):.6g}; apply softmax or use "
+                             "kind='logits'")
+    else:
+        empty = prep.rowmax == -math.inf
+        if empty.any():
+            h, i = (int(x) for x in empty.nonzero()[0])
+            raise ValueError(f"scores: row {i} (head {h}) is -inf for every cluster, so that sample has no mass and "
+                             "no balanced assignment exists; drop that row")
 
 
 def _check_columns(colmax: torch.Tensor) -> None:
     dead = torch.isinf(colmax)
     if dead.any():
         h, j = (int(x) for x in dead.nonzero()[0])
-        raise ValueError(f"scores: cluster {j} (head {h}) has probability 0 for every sample, so no balanced "
+        raise ValueError(f"scores: cluster {j} (head {h}) receives no mass from any sample (its score is -inf, "
+                         "probability 0, or too far below every row's maximum to be represented), so no balanced "
                          "assignment exists; drop that cluster")
 
 
@@ -166,7 +211,7 @@ def _init_log_v(init: Any, H: int, K: int, dtype: torch.dtype, device: torch.dev
     if init is None:
         return None
     log_v = init.log_v if isinstance(init, SinkhornResult) else torch.as_tensor(init)
-    log_v = log_v.to(device=device, dtype=dtype)
+    log_v = log_v.detach().to(device=device, dtype=dtype)
     if log_v.dim() == 1:
         log_v = log_v.expand(H, -1)
     if tuple(log_v.shape) != (H, K):
@@ -177,8 +222,24 @@ def _init_log_v(init: Any, H: int, K: int, dtype: torch.dtype, device: torch.dev
     return log_v - log_v.amax(-1, keepdim=True)  # potentials are defined up to a constant
 
 
+def _linear_marginal_ok(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a marginal (float64) keeps full precision in ``dtype`` in the scaling form."""
+    info = torch.finfo(dtype)
+    return float(x.min()) >= info.tiny / info.eps
+
+
+def _log_marginal(x: torch.Tensor | None, n: int, total: int, dtype: torch.dtype, device: torch.device):
+    """(linear, log) marginal in ``dtype``: the log is taken in float64, so every strictly
+    positive entry has a finite log (the linear form may underflow: then the scaling
+    form is not used)."""
+    x64 = torch.full((n,), 1.0 / total, dtype=torch.float64, device=device) if x is None else x
+    return x64, x64.to(dtype), torch.log(x64).to(dtype)
+
+
 class _Loop:
-    """The convergence loop shared by both algorithms."""
+    """The convergence loop shared by both algorithms, and the cross-rank failure protocol:
+    a rank whose local work raises still joins the next collective with a failure flag, so
+    every rank raises together instead of waiting for it."""
 
     def __init__(self, backend: Backend, reducer: Reducer, tol: float, max_iter: int, check_every: int,
                  criterion: str, bar: tqdm) -> None:
@@ -196,9 +257,18 @@ class _Loop:
             return self.k > 1 and (self.k - 1) % self.check_every == 0
         return self.k % self.check_every == 0
 
+    def local(self, fn, *args):
+        """``fn(*args)`` and None, or (with a process group) None and the exception it raised."""
+        if not self.red.active:
+            return fn(*args), None
+        try:
+            return fn(*args), None
+        except Exception as exc:  # raised on every rank by the next checked collective
+            return None, exc
+
     def record(self, colmass: torch.Tensor, b: torch.Tensor, change: torch.Tensor) -> bool:
         """Record a check; return True when the loop must stop."""
-        err = (colmass - b).abs().sum(-1).double()
+        err = (colmass.double() - b.double()).abs().sum(-1)
         crit = self.red.sum_(change.clone()) if self.criterion == "sela" else err
         stats = torch.stack([err.max(), crit.max()]).cpu()  # the one host sync per check
         self.error, value = float(stats[0]), float(stats[1])
@@ -209,48 +279,93 @@ class _Loop:
         return self.converged or self.k >= self.max_iter
 
 
-def _run_scaling(loop: _Loop, M, a, b, log_v0):
+def _flush_margin(tol: float, criterion: str, K: int) -> float:
+    """log of the plan mass that kernel entries lost to the dtype's range may carry before the
+    scaling form's answer must be checked exactly: small against tol and against one row's
+    share of its best cluster (so labels cannot change either)."""
+    share = 0.1 / K
+    return math.log(min(share, 0.01 * tol) if criterion == "marginal" and tol > 0 else min(share, 1e-7))
+
+
+class _Scaled(NamedTuple):
+    """Where a run of scaling iterations stopped."""
+
+    log_u: torch.Tensor | None  # (H, N) row duals of the plan checked last (None: no good check yet)
+    log_v: torch.Tensor  # (H, K) the column duals that plan was measured with
+    resume: torch.Tensor  # (H, K) the column duals to go on from (the next iteration's)
+    status: str  # "ended" (converged or max_iter), "overflow" or "tripped"
+    lost: float  # log of the bound on the plan mass of flushed kernel entries, at the last check
+
+
+def _run_scaling(loop: _Loop, M, a, log_a, b, log_v0, trip: float, n_total: int) -> _Scaled:
+    """Scaling iterations until the loop ends ("ended"), a check finds non-finite or zero
+    scalings ("overflow": the duals are the last good check's, loop.k its iteration), or the
+    bound on the mass of flushed kernel entries passes ``trip`` (log) at a check ("tripped")."""
     H, N, K = M.shape
     u = a.repeat(H, 1)
     log_v = torch.zeros(H, K, dtype=M.dtype, device=M.device) if log_v0 is None else log_v0
     v = torch.exp(log_v)  # may underflow to 0: then the first check fails and the log form starts from log_v0
-    good_log_u, good_log_v, good_k = None, log_v, 0
+    # Entries of M below the smallest normal number are flushed to 0 (or lose precision): each is at
+    # most exp(floor), so with the plan (u, v) they carry at most exp(floor) * u_i * sum_j v_j of row i,
+    # a share exp(floor) * (u_i / a_i) * sum_j v_j of it. Every rank computes the same bound.
+    floor = math.log(torch.finfo(M.dtype).tiny)
+    good, good_k = _Scaled(None, log_v, log_v, "overflow", -math.inf), loop.k
     while loop.k < loop.max_iter:
         loop.k += 1
-        w, change = loop.be.scaling_pass(M, a, u, v)
-        loop.red.sum_(w)
+        out, err = loop.local(loop.be.scaling_pass, M, a, u, v)
+        w, change = out if err is None else (torch.zeros(H, K, dtype=M.dtype, device=M.device), None)
+        loop.red.sum_checked_(w, err)
         if loop.due():
-            bad = ~(torch.isfinite(w).all() & (w > 0).all() & torch.isfinite(u).all() & (u > 0).all())
-            if bool(loop.red.max_(bad.to(M.dtype).reshape(1))[0] > 0):
-                loop.k = good_k  # the caller resumes from the last good state
-                return good_log_u, good_log_v, False
-            if loop.record(v * w, b, change):
-                break
-            good_log_u, good_log_v, good_k = torch.log(u), torch.log(b / w), loop.k  # resume at k + 1
+            finite = torch.isfinite(w).all() & (w > 0).all() & torch.isfinite(u).all() & (u > 0).all()
+            finite &= torch.isfinite(v).all() & (v > 0).all()
+            row_ratio = (torch.log(u) - log_a).amax(-1)  # max_i log(u_i / a_i) per head
+            stats = loop.red.max_(torch.cat([(~finite).to(torch.float64).reshape(1), row_ratio.double()]))
+            if float(stats[0]) > 0:
+                loop.k = good_k
+                return good._replace(status="overflow")
+            # plus products below the normal range flushed inside the passes: at most exp(floor) each,
+            # K of them per row sum (a share exp(floor) K u_i / a_i of row i) and N per column sum
+            log_v_sum = torch.logsumexp(torch.log(v.double()), -1)
+            rows = stats[1:] + torch.logaddexp(log_v_sum, torch.tensor(math.log(K), dtype=torch.float64))
+            lost = float(torch.logaddexp(rows, log_v_sum + math.log(n_total)).max()) + floor
+            ended = loop.record(v * w, b, change)
+            good = _Scaled(torch.log(u), torch.log(v), torch.log(b / w), "ended", lost)
+            good_k = loop.k
+            if ended:
+                return good
+            if lost > trip:
+                return good._replace(status="tripped")
         v = b / w
-    return torch.log(u), torch.log(v), True
+    return _Scaled(torch.log(u), torch.log(v), torch.log(v), "ended", good.lost)
 
 
-def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None):
-    H, N, K = L.shape
+def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None, *, certify: bool = False):
+    """Log-domain iterations. ``certify``: a single pass from ``log_v0`` whose check is the exact
+    error of the returned duals (it does not count as an iteration)."""
+    H, K = log_b.shape
     f = log_a.repeat(H, 1) if log_u0 is None else log_u0.clone()  # f only feeds the SeLa change
-    g = torch.zeros(H, K, dtype=L.dtype, device=L.device) if log_v0 is None else log_v0.clone()
-    while loop.k < loop.max_iter:
-        loop.k += 1
-        logw, change = loop.be.log_pass(L, log_a, f, g)
-        logw = loop.red.logsumexp_(logw)
-        if loop.due():
+    g = torch.zeros(H, K, dtype=log_b.dtype, device=log_b.device) if log_v0 is None else log_v0.clone()
+    while certify or loop.k < loop.max_iter:
+        loop.k += not certify
+        out, err = loop.local(loop.be.log_pass, L, log_a, f, g)
+        if err is not None:
+            logw, change = torch.full((H, K), -math.inf, dtype=log_b.dtype, device=log_b.device), None
+        else:
+            logw, change = out
+        logw = loop.red.logsumexp_checked_(logw, err)
+        if certify or loop.due():
             bad = ~(torch.isfinite(logw).all() & torch.isfinite(f).all())
-            if bool(loop.red.max_(bad.to(L.dtype).reshape(1))[0] > 0):
+            if bool(loop.red.max_(bad.to(torch.float64).reshape(1))[0] > 0):
                 raise FloatingPointError(
                     f"log-domain Sinkhorn produced non-finite potentials at iteration {loop.k}; "
                     "this is a bug, please report it with the scores' shape and lamb")
-            if loop.record(torch.exp(logw), torch.exp(log_b), change):
+            if loop.record(torch.exp(logw.double()), torch.exp(log_b.double()), change) or certify:
                 break
         g = g + (log_b - logw)
     return f, g
 
 
+@torch.no_grad()
 def sinkhorn_knopp(
     scores: Any,
     *,
@@ -340,39 +455,40 @@ def sinkhorn_knopp(
     red = Reducer(process_group)
     H = K = N = -1
     error: Exception | None = None
+    cdtype, b_raw, log_v0 = None, None, None
     try:  # every local check; with a process group, errors are agreed on below so no rank hangs
-        tol = _check_options(lamb, kind, algorithm, criterion, tol, max_iter, check_every)
+        lamb, tol, max_iter, check_every = _check_options(lamb, kind, algorithm, criterion, tol, max_iter,
+                                                          check_every)
         chunked = backend == "chunked" or (backend == "auto" and memory_budget is not None)
         if memory_budget is not None and not chunked:
             raise ValueError(f"memory_budget applies to backend='chunked' (or 'auto'), not backend={backend!r}")
         implicit = isinstance(scores, FeatureScores)
+        raw3 = None  # the in-memory scores (kept by the result for plan())
         if implicit:
             if device is not None and resolve_device(device, scores.device) != scores.device:
                 raise ValueError(f"device={device!r}: implicit mode runs where the features are ({scores.device}); "
                                  "move the features and prototypes instead")
-            raw3 = None  # recomputed from features in every pass, never stored
             shape, stacked, device = scores.shape, scores.stacked, scores.device
+            storage = scores.x.dtype
             cdtype = torch.float64 if scores.x.dtype == torch.float64 else _compute_dtype(dtype, scores.w)
             if cdtype != (torch.float64 if scores.x.dtype == torch.float64 else torch.float32):
                 raise ValueError("implicit mode computes in the features' precision: pass float64 features "
                                  "for dtype=float64")
         elif chunked:
             src = make_source(scores)
-            raw3 = None  # never loaded whole
             shape, stacked = src.shape, src.ndim == 3
             device = resolve_device(device, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
+            storage = src.dtype
             cdtype = _compute_dtype(dtype, torch.empty(0, dtype=src.dtype))
         else:
             raw = _as_tensor(scores)
             if device is not None:
                 raw = raw.to(resolve_device(device, raw.device))
-            if not raw.dtype.is_floating_point:
-                raise TypeError(f"scores must be floating point, got {raw.dtype}; cast with .float()")
             if raw.dim() not in (2, 3):
                 raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(raw.shape)}")
             stacked = raw.dim() == 3
             raw3 = raw if stacked else raw.unsqueeze(0)
-            shape, device = raw3.shape, raw3.device
+            shape, device, storage = raw3.shape, raw3.device, raw3.dtype
             cdtype = _compute_dtype(dtype, raw3)
         H, N, K = shape
         if H == 0 or N == 0 or K == 0:
@@ -397,45 +513,111 @@ def sinkhorn_knopp(
                 raise ValueError(f"backend {be.name!r} runs the log domain only; use algorithm='log' or 'auto'")
             algo = "log"
         prep = be.prepare(S, lamb, probs, exponentiate=algo == "scaling")
-        _validate_prepared(prep, probs)
+        _validate_prepared(prep, probs, storage, raw3)
     except Exception as exc:  # with a process group every failure must reach every rank
         if not red.active:
             raise
         error = exc
-    n_total = red.agree(error, H, K, N, row_marginal_given=row_marginal is not None)
+    # Every option that shapes the collectives or the answer must be the same on every rank.
+    agreed = dict(dtype=cdtype, heads=H, K=K, lamb=lamb, kind=kind, algorithm=algorithm, tol=tol, max_iter=max_iter,
+                  check_every=check_every, criterion=criterion, col_marginal=b_raw, init=log_v0,
+                  gather_labels=gather_labels) if red.active else {}
+    n_total, row_offset = red.agree(error, N, agreed, row_marginal_given=row_marginal is not None)
     if n_total < K:
         warnings.warn(f"N={n_total} samples < K={K} clusters: hard labels cannot be balanced", UserWarning,
                       stacklevel=2)
-    if a_raw is None:
-        a = torch.full((N,), 1.0 / n_total, dtype=cdtype, device=device)
-    else:
-        a = _normalise(a_raw, "row_marginal", cdtype, red)
-    b = (torch.full((K,), 1.0 / K, dtype=cdtype, device=device) if b_raw is None
-         else _normalise(b_raw, "col_marginal", cdtype)).expand(H, K)
+    if a_raw is not None:
+        a_raw = _normalise(a_raw, "row_marginal", red)
+    if b_raw is not None:
+        b_raw = _normalise(b_raw, "col_marginal")
+    a64, a, log_a = _log_marginal(a_raw, N, n_total, cdtype, device)
+    b64, b, log_b = _log_marginal(b_raw, K, K, cdtype, device)
+    b, log_b = b.expand(H, K), log_b.expand(H, K)
     colmax = red.max_(prep.colmax.clone())
     _check_columns(colmax)
-    if algo == "scaling" and algorithm == "auto" and float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]:
-        algo = "log"
-        prep = be.prepare(S, lamb, probs, exponentiate=False)
+    if algo == "scaling":
+        # In the scaling form a marginal entry below the dtype's normal range loses its precision.
+        weak = [name for name, x in (("row_marginal", a64), ("col_marginal", b64))
+                if not _linear_marginal_ok(x, cdtype)]
+        any_weak = bool(red.max_(torch.tensor([float(bool(weak))], dtype=torch.float64))[0] > 0)
+        unsafe_start = any_weak or float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]
+        if unsafe_start and algorithm == "scaling" and any_weak:
+            raise ValueError(f"{' and '.join(weak) or 'another rank'}: entries this small lose their precision "
+                             f"in the scaling form in {cdtype}; use algorithm='log' or 'auto', or dtype=torch.float64")
+        if unsafe_start and algorithm == "auto":
+            algo = "log"
+            prep = None  # free the scaling kernel first
+            prep = be.prepare(S, lamb, probs, exponentiate=False)
     rowmax = prep.rowmax
 
     switched_at, log_u0 = None, None
+    kernel_is_log = iterate_log = algo == "log"  # what prep.mat holds; whether log iterations are to run
     with tqdm(total=max_iter, disable=not progress, desc=f"sinkhorn[{be.name}]", unit="it", leave=False) as bar:
         loop = _Loop(be, red, tol, max_iter, check_every, criterion, bar)
+
+        def prepare(log: bool):
+            nonlocal prep, kernel_is_log
+            if kernel_is_log != log:
+                prep = None  # free the other kernel first
+                prep = be.prepare(S, lamb, probs, exponentiate=not log)
+                kernel_is_log = log
+            return prep.mat
+
+        def log_operand():
+            """The log kernel for an exact pass: a view of the scores where the backend recomputes
+            kernel rows itself (no new matrix), else the prepared log kernel."""
+            view = getattr(be, "log_view", None)
+            return view(prep, S, lamb, probs) if view is not None and not kernel_is_log else prepare(log=True)
+
         if algo == "scaling":
-            log_u, log_v, ok = _run_scaling(loop, prep.mat, a, b, log_v0)
-            if not ok:
-                if algorithm == "scaling":
-                    raise FloatingPointError(
-                        f"the scaling form under/overflowed in {cdtype} after iteration {loop.k} (lamb={lamb} is "
-                        "too sharp for this dtype); use algorithm='log' or 'auto', or dtype=torch.float64")
-                switched_at, algo, log_v0, log_u0 = loop.k, "log", log_v, log_u  # loop.k: last good check
-                del prep
-                prep = be.prepare(S, lamb, probs, exponentiate=False)
-        if algo == "log":
-            log_u, log_v = _run_log(loop, prep.mat, torch.log(a), torch.log(b), log_v0,
-                                    log_u0 if switched_at is not None else None)
-        labels = be.labels(prep.mat, log_v.contiguous(), linear=algo == "scaling")
+            margin = _flush_margin(tol, criterion, K)
+            keep_scaling = 0.25 * tol if criterion == "marginal" and tol > 0 else 1e-6  # row mass missed
+            trip, start, target = (margin if algorithm == "auto" else math.inf), log_v0, tol
+            while True:
+                loop.tol = target
+                state = _run_scaling(loop, prepare(log=False), a, log_a, b, start, trip, n_total)
+                loop.tol = tol
+                log_u, log_v = state.log_u, state.log_v
+                if state.status == "overflow":
+                    if algorithm == "scaling":
+                        raise FloatingPointError(
+                            f"the scaling form under/overflowed in {cdtype} after iteration {loop.k} (lamb={lamb} "
+                            "is too sharp for this dtype); use algorithm='log' or 'auto', or dtype=torch.float64")
+                    algo, switched_at, log_u0, log_v0 = "log", loop.k, state.log_u, state.resume
+                    iterate_log = True
+                    break
+                if state.lost <= margin:  # flushed kernel entries cannot matter: the answer stands
+                    break
+                # Kernel entries below the dtype's range may carry plan mass at these duals: one exact
+                # log-domain pass gives the true error of its (row-exact) duals, and the row mass missed.
+                claimed, measured = loop.converged, loop.error
+                log_u, log_v = _run_log(loop, log_operand(), log_a, log_b, state.log_v, state.log_u, certify=True)
+                # Flushed entries only ever add mass, so exp(log u_scaling - log u_exact) - 1 >= 0 for them;
+                # rounding differences between the two passes have either sign and average out.
+                missed = float(red.sum_(torch.expm1((state.log_u - log_u).double()) @ a64).max())
+                algo = "log"  # for now the duals are the exact pass's
+                if loop.converged or loop.k >= max_iter:
+                    break
+                if missed > keep_scaling:  # the flushed entries matter: the scaling form cannot get there
+                    if algorithm == "scaling":
+                        raise FloatingPointError(
+                            f"the scaling form reached tol on its {cdtype} kernel, but kernel entries below "
+                            f"{cdtype}'s range carry mass at those duals: the exact marginal error is "
+                            f"{loop.error:.3g}; use algorithm='log' or 'auto', or dtype=torch.float64")
+                    switched_at, log_u0, log_v0, iterate_log = loop.k, log_u, log_v, True
+                    break
+                # The scaling form still iterates on (nearly) the exact kernel: go on, checking again once
+                # the bound has grown by e^5 and at the end. If it claimed tol but the exact pass measured
+                # more (float rounding of two measures), aim lower by the difference.
+                algo, start = "scaling", state.resume
+                trip = state.lost + 5.0 if algorithm == "auto" else math.inf
+                if claimed:
+                    target = max(0.5 * tol, target - (loop.error - measured))
+        if iterate_log:
+            log_u, log_v = _run_log(loop, prepare(log=True), log_a, log_b, log_v0, log_u0)
+        label_mat = log_operand() if algo == "log" else prep.mat
+        labels, err = loop.local(be.labels, label_mat, log_v.contiguous(), algo == "scaling", row_offset)
+        red.check(err)
         if gather_labels:
             labels = red.gather_rows(labels)
     if device.type == "cuda":

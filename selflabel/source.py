@@ -4,8 +4,16 @@ rows, one streamed pass per iteration, never held whole in memory.
 - ``NpyFileSource``: a ``.npy`` file (or a numpy memmap of one), read with
   ``os.preadv`` into two reusable buffers; a reader thread fills the next block
   while the current one is processed (double buffering).
-- ``TensorSource``: an in-memory tensor or array (blocks are views, no copies).
+- ``TensorSource``: an in-memory tensor or C-contiguous array (blocks are views, no copies).
+- ``ArraySource``: any other numpy array or memmap (slices, flipped or strided views, mode
+  'c' maps): each block is copied into a reusable buffer; for a memmap the pages of a
+  block leave the process's resident set once copied, so the whole file never counts
+  against the budget.
 - ``CallableSource``: a user function returning the row blocks, one call per pass.
+
+A memmap (or a slice of one) whose rows are one contiguous region of its file, with the
+file's contents (mode 'r' or 'r+', or 'c' with nothing written to it), is read from the
+file with ``NpyFileSource`` like a path.
 """
 
 from __future__ import annotations
@@ -26,6 +34,18 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
           "gib": 2**30, "tib": 2**40}
 
 
+def check_float_dtype(dtype: torch.dtype | np.dtype | type, name: str = "scores") -> None:
+    """Raise TypeError unless ``dtype`` (torch or numpy) is a floating-point type the solver reads."""
+    if isinstance(dtype, torch.dtype):
+        ok = dtype.is_floating_point
+    else:
+        dt = np.dtype(dtype)
+        ok = dt.kind == "f" and dt.itemsize in (2, 4, 8)
+    if not ok:
+        raise TypeError(f"{name} must be floating point (float16, bfloat16, float32 or float64), got {dtype}; "
+                        "cast it first, e.g. x.float() or x.astype(np.float32)")
+
+
 def parse_bytes(budget: int | float | str) -> int:
     """Bytes from an int or a string such as "512MB", "1.5GiB"."""
     if isinstance(budget, bool):
@@ -44,6 +64,7 @@ def parse_bytes(budget: int | float | str) -> int:
 
 class TensorSource:
     def __init__(self, t: torch.Tensor) -> None:
+        check_float_dtype(t.dtype)
         self.ndim = t.dim()
         self.t = t if t.dim() == 3 else t.unsqueeze(0)
         self.shape = tuple(self.t.shape)
@@ -93,12 +114,6 @@ class NpyFileSource:
         need = offset + int(np.prod(self.shape)) * self.itemsize
         if os.path.getsize(path) < need:
             raise ValueError(f"scores: {path!r} is truncated ({os.path.getsize(path)} bytes, header says {need})")
-
-    @classmethod
-    def from_memmap(cls, mm: np.memmap) -> NpyFileSource:
-        if not mm.flags.c_contiguous or mm.filename is None:
-            raise ValueError("scores: the chunked backend reads C-contiguous memmaps of a whole file region")
-        return cls(mm.filename, mm.offset, mm.shape, mm.dtype)
 
     def drop_pages(self) -> bool:
         """Whether to evict each block from the page cache once read: for files over half of
@@ -212,6 +227,109 @@ def _as_block(block) -> torch.Tensor:
     return t
 
 
+class ArraySource:
+    """Rows of any (N, K) or (H, N, K) float numpy array, one block copy at a time.
+
+    For a memmap, ``release`` drops the pages of each copied block from the process's
+    mapping (``MADV_DONTNEED``; the kernel keeps them in the page cache), so reading the
+    whole file does not grow the resident set. That is only done where it cannot lose
+    data: a shared mapping, or a private ('c') one that no page was written to.
+    """
+
+    def __init__(self, arr: np.ndarray, release: bool = False) -> None:
+        check_float_dtype(arr.dtype)
+        if arr.ndim not in (2, 3):
+            raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {arr.shape}")
+        self.ndim = arr.ndim
+        self.arr = arr if arr.ndim == 3 else arr[None]
+        self.shape = tuple(self.arr.shape)
+        self.np_dtype = np.dtype(arr.dtype)
+        self.dtype = _STORAGE[self.np_dtype]
+        self.itemsize = self.np_dtype.itemsize
+        self._release = release
+        self._buf: np.ndarray | None = None
+
+    def _drop(self, view: np.ndarray) -> None:
+        mm = view._mmap
+        lo, hi = _byte_span(view)
+        base = _mapping_address(mm)
+        page = mmap.PAGESIZE
+        # whole pages inside the span only: a page shared with the next block stays
+        first = -(-(lo - base) // page) * page
+        stop = min(len(mm), (hi - base) // page * page)
+        if stop > first:
+            mm.madvise(mmap.MADV_DONTNEED, first, stop - first)
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        h, n, k = self.shape
+        if self._buf is None or self._buf.shape[1] != rows:
+            self._buf = np.empty((h, rows, k), dtype=self.np_dtype)
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            view = self.arr[:, lo:hi]
+            out = self._buf[:, : hi - lo]
+            np.copyto(out, view)
+            if self._release:
+                self._drop(view)
+            yield lo, hi, torch.from_numpy(out)
+
+
+def _mapping_address(mm: mmap.mmap) -> int:
+    """Address of the first byte of a mapping."""
+    view = np.frombuffer(mm, dtype=np.uint8)
+    try:
+        return view.ctypes.data
+    finally:
+        del view
+
+
+def _byte_span(arr: np.ndarray) -> tuple[int, int]:
+    """[first, last + 1) addresses of the bytes an array view touches."""
+    lo = hi = arr.ctypes.data
+    for size, stride in zip(arr.shape, arr.strides, strict=True):
+        if size == 0:
+            return lo, lo
+        reach = (size - 1) * stride
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return lo, hi + arr.itemsize
+
+
+def _private_pages_written(mm: mmap.mmap) -> bool:
+    """Whether a private ('c') mapping holds pages written since it was mapped (copy-on-write
+    copies, which differ from the file). Unknown (no /proc): True."""
+    try:
+        with open("/proc/self/smaps") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return True
+    start = _mapping_address(mm)
+    stop = start + len(mm)
+    inside = False
+    for line in lines:
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo < stop and hi > start
+        elif inside and head == "Anonymous:" and int(line.split()[1]) > 0:
+            return True
+    return False
+
+
+def _memmap_source(mm: np.memmap):
+    """The cheapest faithful source for a numpy memmap (or a slice of one)."""
+    mapping = getattr(mm, "_mmap", None)
+    if not isinstance(mapping, mmap.mmap) or mm.filename is None:
+        return ArraySource(np.asarray(mm))
+    written = mm.mode == "c" and _private_pages_written(mapping)
+    if mm.flags.c_contiguous and not written and mm.ndim in (2, 3):
+        # numpy maps the file from `offset` rounded down to the allocation granularity and copies
+        # the parent's offset onto slices: the slice's own offset is its distance from the mapping
+        start = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
+        offset = start + mm.ctypes.data - _mapping_address(mapping)
+        return NpyFileSource(mm.filename, offset, mm.shape, mm.dtype)
+    return ArraySource(mm, release=not written)
+
+
 def make_source(scores):
     """A row-block source for ``scores``; objects that already have ``blocks`` and
     ``shape`` (e.g. ``selflabel.features.FeatureSource``) pass through."""
@@ -220,17 +338,15 @@ def make_source(scores):
     if isinstance(scores, (str, os.PathLike)):
         return NpyFileSource(os.fspath(scores))
     if isinstance(scores, np.memmap):
-        # Only a memmap of the whole mapped region knows its file offset: numpy copies the
-        # parent's offset onto slices, so those are read through the mapping instead.
-        if isinstance(scores.base, mmap.mmap) and scores.flags.c_contiguous and scores.mode in ("r", "r+"):
-            return NpyFileSource.from_memmap(scores)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only mapping: never written
-            return TensorSource(torch.from_numpy(np.asarray(scores)))
+        check_float_dtype(scores.dtype)
+        return _memmap_source(scores)
     if isinstance(scores, np.ndarray):
-        if scores.dtype.kind != "f":
-            raise TypeError(f"scores must hold floating-point values, got numpy dtype {scores.dtype}")
-        return TensorSource(torch.from_numpy(scores))
+        check_float_dtype(scores.dtype)
+        if not scores.flags.c_contiguous:
+            return ArraySource(scores)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only arrays: never written
+            return TensorSource(torch.from_numpy(scores))
     if isinstance(scores, torch.Tensor):
         if scores.dim() not in (2, 3):
             raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(scores.shape)}")

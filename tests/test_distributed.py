@@ -77,11 +77,29 @@ def test_distributed_equals_single_process(shards):
 
 def test_bad_input_on_one_rank_raises_on_every_rank():
     results = _spawn([150, 151])
-    assert "NaN or inf" in results[1]["nan"]
+    assert "NaN or +inf" in results[1]["nan"]
     assert "another rank's input is invalid" in results[0]["nan"]
     for out in results.values():
-        assert "disagree on the number of heads or clusters" in out["mismatched_k"]
+        assert "ranks disagree on K" in out["mismatched_k"]
         assert "row_marginal must be given on every rank" in out["one_sided_marginal"]
+
+
+def test_every_disagreement_raises_on_every_rank_and_failures_mid_solve_reach_all():
+    """Ranks whose options differ raise a ValueError naming the option, on every rank (no gloo abort,
+    no hang); an exception in one rank's pass mid-solve raises on every rank within seconds."""
+    from dist_worker import MISMATCHES
+
+    results = _spawn([150, 151])
+    for rank, out in results.items():
+        for name in MISMATCHES:
+            assert out[f"mismatch_{name}"].startswith("RankInputError") and name in out[f"mismatch_{name}"], (
+                rank, name, out[f"mismatch_{name}"])
+        for algorithm in ("scaling", "log"):
+            got = out[f"midsolve_{algorithm}"]
+            want = "InjectedFailure: disk error on pass 8" if rank == 1 else "RankFailedError"
+            assert got.startswith(want), (rank, algorithm, got)
+            assert out[f"midsolve_{algorithm}_seconds"] < 30
+        assert out["after_errors"]["converged"]
 
 
 def test_process_group_without_init_is_a_clear_error():
