@@ -63,14 +63,19 @@ def test_features_bad_input():
 def test_features_peak_memory_bounded(tmp_path):
     """N x K = 200k x 2000 (1.6 GB in float32) solved from 200k x 32 features within 100 MiB."""
     code = textwrap.dedent("""
-        import resource, torch, selflabel as sl
+        import torch, selflabel as sl
+
+        def peak_rss():  # this process's high-water RSS (ru_maxrss would carry the parent's over fork)
+            with open('/proc/self/status') as fh:
+                return next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith('VmHWM'))
+
         torch.set_num_threads(2)
         g = torch.Generator().manual_seed(0)
         x = torch.nn.functional.normalize(torch.randn(200_000, 32, generator=g), dim=1)
         w = torch.nn.functional.normalize(torch.randn(2000, 32, generator=g), dim=1) * 4
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_rss()
         res = sl.sinkhorn_knopp_features(x, w, lamb=10.0, tol=0, max_iter=2, memory_budget=100 * 2**20)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss()
         print(base, peak, int(res.labels.shape[0]))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
