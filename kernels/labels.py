@@ -22,6 +22,16 @@ from ._common import configs
 TIE_ULPS = 64
 
 
+@triton.jit
+def _tile_values(X, COL, roff, col_off, cols, rmask, K, LINEAR: tl.constexpr):
+    """M_ij * v_j (LINEAR) or L_ij + g_j of a (rows, cols) tile; -inf outside the K columns."""
+    cmask = cols < K
+    x = tl.load(X + roff + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    c = tl.load(COL + col_off + cols, mask=cmask, other=0.0)
+    val = x * c[None, :] if LINEAR else x + c[None, :]
+    return tl.where(cmask[None, :], val, float("-inf"))
+
+
 @triton.autotune(
     configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk} for bn in (16, 64) for bk in (128, 512)],
                     {"BLOCK_N": 4, "BLOCK_K": 32}),
@@ -41,22 +51,16 @@ def _labels_kernel(X, COL, OUT, N, K, ROW_OFFSET, TIE_SLACK, LINEAR: tl.constexp
     best = tl.full([BLOCK_N], float("-inf"), dt)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + cols0
-        cmask = cols < K
-        x = tl.load(X + roff + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        c = tl.load(COL + h * K + cols, mask=cmask, other=0.0)
-        val = x * c[None, :] if LINEAR else x + c[None, :]
-        best = tl.maximum(best, tl.max(tl.where(cmask[None, :], val, float("-inf")), axis=1))
+        val = _tile_values(X, COL, roff, h * K, cols, rmask, K, LINEAR)
+        best = tl.maximum(best, tl.max(val, axis=1))
     # pass 2: the tied value nearest after the row's start column (the tile is still in cache)
     floor = best - TIE_SLACK * best if LINEAR else best - TIE_SLACK * tl.maximum(tl.abs(best), 1.0)
     start = (ROW_OFFSET + rows.to(tl.int64)) % K
     dist = tl.zeros([BLOCK_N], tl.int64) + K  # (j - start) mod K of the first tie
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + cols0
-        cmask = cols < K
-        x = tl.load(X + roff + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        c = tl.load(COL + h * K + cols, mask=cmask, other=0.0)
-        val = x * c[None, :] if LINEAR else x + c[None, :]
-        tied = (val >= floor[:, None]) & cmask[None, :]
+        val = _tile_values(X, COL, roff, h * K, cols, rmask, K, LINEAR)
+        tied = (val >= floor[:, None]) & (cols < K)[None, :]
         steps = (cols[None, :].to(tl.int64) - start[:, None] + K) % K
         dist = tl.minimum(dist, tl.min(tl.where(tied, steps, K), axis=1))
     tl.store(OUT + h * N + rows, (start + dist) % K, mask=rmask)
