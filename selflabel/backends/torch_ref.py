@@ -57,12 +57,18 @@ def argmax_round(vals: torch.Tensor, row_offset: int = 0, linear: bool = False) 
     """argmax over the last axis of (H, n, K) values; ties go round the clusters: row i
     (global index ``row_offset + i``) takes the first maximum at or after column i mod K.
     Values within ``TIE_ULPS`` roundings of the maximum (relative for ``linear`` values,
-    else relative to max(1, |max|)) count as tied."""
-    _, n, k = vals.shape
+    else relative to max(1, |max|)) count as tied. Works on row blocks of about 2**22
+    entries, so its int64 temporaries stay small."""
+    h, n, k = vals.shape
+    out = torch.empty(h, n, dtype=torch.long, device=vals.device)
     cols = torch.arange(k, device=vals.device)
-    start = (row_offset + torch.arange(n, device=vals.device)) % k  # (n,)
-    best = vals.amax(-1, keepdim=True)
     slack = TIE_ULPS * torch.finfo(vals.dtype).eps
-    tied = vals >= (best - slack * best if linear else best - slack * best.abs().clamp(min=1))
-    key = torch.where(tied, (cols - start[:, None]) % k, k)  # steps from the row's start column
-    return (key.amin(-1) + start) % k
+    step = max(1, 2**22 // max(1, h * k))
+    for lo in range(0, n, step):
+        block = vals[:, lo:lo + step]
+        start = (row_offset + lo + torch.arange(block.shape[1], device=vals.device)) % k
+        best = block.amax(-1, keepdim=True)
+        tied = block >= (best - slack * best if linear else best - slack * best.abs().clamp(min=1))
+        steps = torch.where(tied, (cols - start[:, None]) % k, k)  # distance from the row's start column
+        out[:, lo:lo + step] = (steps.amin(-1) + start) % k
+    return out
