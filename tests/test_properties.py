@@ -98,3 +98,18 @@ def test_property_checker_catches_a_wrong_plan(backend, monkeypatch):
     res.log_v = res.log_v + torch.linspace(0, 0.01, 5, dtype=torch.float64)
     q = res.plan(scores=x)
     assert (q.sum(0) - 0.2).abs().sum() > 10 * TOL
+
+
+@settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_triton_results_are_plans(p):
+    """The same invariant on the Triton kernels (in the interpreter without a GPU: small cases)."""
+    x = torch.as_tensor(p["x"], dtype=p["dtype"])
+    x = x[..., :16, :] if x.shape[-2] > 16 else x
+    res = sl.sinkhorn_knopp(x, kind=p["kind"], lamb=p["lamb"], col_marginal=p["b"], backend="triton",
+                            algorithm=p["algorithm"], tol=TOL, max_iter=150)
+    assert torch.isfinite(res.log_u).all() and torch.isfinite(res.log_v).all()
+    mass, col, row, slack = marginal_errors(res, x, None, p["b"])
+    assert abs(col - res.error) <= slack + 0.02 * TOL and row <= slack, (col, res.error, row, slack)
+    if res.converged:
+        assert mass <= TOL + slack and col <= TOL + slack
