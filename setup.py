@@ -1,35 +1,98 @@
 """Build selflabel and its C++ extension selflabel._C from csrc/.
 
-CPU sources are always built (OpenMP, -O3). Set SELFLABEL_PORTABLE=1 to build
-without -march=native (for wheels that move between machines).
+The extension compiles against the torch that runs this script, so build where the torch you
+train with is installed: ``pip install --no-build-isolation .`` (plain ``pip install .`` builds in
+an isolated environment against the newest torch instead). CPU sources are always built (OpenMP,
+-O3); torch's cpp_extension picks the C++ standard its headers need. Set SELFLABEL_PORTABLE=1 to
+build without -march=native (for wheels that move between machines).
 """
 
 import os
+import re
+import sys
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
-if os.environ.get("SELFLABEL_PORTABLE", "0") != "1":
-    cxx_flags.append("-march=native")
+HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_MIN = "2.13"  # the oldest torch CI builds and tests against (requirements-dev.txt pins it)
+# commands that compile selflabel._C; the others (sdist, egg_info, dist_info, ...) work without torch
+BUILD_COMMANDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel", "develop", "install"}
+
+
+def read(path: str) -> str:
+    with open(os.path.join(HERE, path), encoding="utf-8") as fh:
+        return fh.read()
+
+
+VERSION = re.search(r'^__version__ = "([^"]+)"$', read("selflabel/__init__.py"), re.M).group(1)
+
+
+def extension() -> dict:
+    """``ext_modules`` and ``cmdclass`` for selflabel._C, or a one-line exit when torch is missing."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as exc:
+        if BUILD_COMMANDS.isdisjoint(sys.argv[1:]):
+            return {}
+        sys.exit(f"selflabel: building the C++ extension needs torch>={TORCH_MIN}, which is not importable here "
+                 f"({exc}): install the torch you will train with (pip install torch) and run pip install "
+                 "--no-build-isolation . again, or use plain pip install . (builds against the newest torch)")
+    if torch.__version__ < TORCH_MIN:  # a TorchVersion: compares as a version
+        sys.exit(f"selflabel: needs torch>={TORCH_MIN} to build; this environment has torch {torch.__version__}")
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # no -std: cpp_extension adds the one torch's headers need
+    if os.environ.get("SELFLABEL_PORTABLE", "0") != "1":
+        cxx_flags.append("-march=native")
+    ext = CppExtension(
+        name="selflabel._C",
+        sources=["csrc/sinkhorn.cpp"],
+        depends=["csrc/vec_math.h"],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="selflabel",
-    version="0.1.0",
+    version=VERSION,
     description="Fast Sinkhorn-Knopp self-labelling (SeLa) for clustering-based self-supervised learning",
+    long_description=read("README.md"),
+    long_description_content_type="text/markdown",
+    author="selflabel developers",
+    license_expression="MIT",
+    license_files=["LICENSE"],
+    project_urls={
+        "SeLa paper": "https://arxiv.org/abs/1911.05371",
+    },
+    keywords=["sinkhorn", "optimal transport", "self-labelling", "self-supervised learning", "clustering", "pytorch"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Mathematics",
+        "Typing :: Typed",
+    ],
     packages=["selflabel", "selflabel.backends", "selflabel.compat", "selflabel.kernels", "selflabel.train"],
     package_dir={"selflabel.kernels": "kernels"},
-    ext_modules=[
-        CppExtension(
-            name="selflabel._C",
-            sources=["csrc/sinkhorn.cpp"],
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
-        )
-    ],
-    cmdclass={"build_ext": BuildExtension},
+    package_data={"selflabel": ["py.typed"]},
+    zip_safe=False,
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={"train": ["scikit-learn", "scipy", "tensorboard"]},
+    install_requires=[f"torch>={TORCH_MIN}", "numpy", "tqdm"],
+    extras_require={
+        "train": ["scikit-learn", "scipy", "tensorboard"],  # selflabel train: digits, evaluation, TensorBoard logs
+        "bench": ["matplotlib", "POT"],  # selflabel bench: plots, POT's solvers as peers
+        "gpu": ["triton"],  # the fused Triton kernels (CUDA tensors)
+        "vision": ["torchvision"],  # selflabel train --data imagefolder|cifar10|cifar100|svhn:PATH
+    },
     entry_points={"console_scripts": ["selflabel=selflabel.cli:main"]},
+    **extension(),
 )
