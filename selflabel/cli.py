@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
 import numpy as np
 import torch
 
+from . import __version__
 from .backends import resolve_device
-from .io import save_npy, save_text
+from .io import atomic_write, save_npy, save_text
 from .solver import ALGORITHMS, KINDS, sinkhorn_knopp
 
 
@@ -33,8 +35,8 @@ def _label_features(args: argparse.Namespace, options: dict):
                                    **options)
 
 
-# --out suffix -> text delimiter (None: binary .npy)
-LABEL_FORMATS = {".npy": None, ".txt": " ", ".csv": ","}
+# --out suffix -> text delimiter ("npy": numpy int64 array, "pt": torch int64 tensor)
+LABEL_FORMATS = {".npy": "npy", ".pt": "pt", ".txt": " ", ".csv": ","}
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -58,8 +60,8 @@ def _check_label_paths(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {out} is a directory; name the labels file, e.g. {os.path.join(out, 'labels.npy')}")
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in LABEL_FORMATS:
-        raise ValueError(f"--out {out}: unknown format {suffix or '(no suffix)'}; end it in .npy (int64 array), "
-                         ".txt or .csv (text, one line per sample)")
+        raise ValueError(f"--out {out}: unknown format {suffix or '(no suffix)'}; end it in .npy (numpy int64 array), "
+                         ".pt (torch int64 tensor), .txt or .csv (text, one line per sample)")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
@@ -73,8 +75,11 @@ def _check_label_paths(args: argparse.Namespace) -> None:
 
 def _save_labels(path: str, labels: np.ndarray) -> None:
     delimiter = LABEL_FORMATS[os.path.splitext(path)[1].lower()]
-    if delimiter is None:
+    if delimiter == "npy":
         save_npy(path, labels)
+    elif delimiter == "pt":  # torch.load(path) gives the LongTensor res.labels would be
+        with atomic_write(path) as fh:
+            torch.save(torch.from_numpy(labels), fh)
     else:  # one line per sample; H columns for H heads
         save_text(path, labels.T, delimiter=delimiter)
 
@@ -113,8 +118,11 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .train import TrainConfig, train
+    from .train import TrainConfig, train  # scikit-learn and scipy: main() names the extra when they are missing
 
+    if not args.no_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("TensorBoard logs need the tensorboard package: pip install 'selflabel[train]', "
+                          "or pass --no-tensorboard")
     options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "quiet", "no_tensorboard")}
     config = TrainConfig(**options, progress=not args.quiet, tensorboard=not args.no_tensorboard)
     try:
@@ -143,16 +151,18 @@ def _add_train(sub) -> None:
                                    "against the true classes. Options left out get dataset-aware defaults.",
                        epilog=f"exit status: 0 done (or stopped at --stop-after), 2 bad options or inputs, "
                               f"{DIVERGED} the loss diverged (NaN or infinite: lower --lr and start again)")
-    t.add_argument("--method", choices=["sela", "carp"], default="sela")
+    t.add_argument("--method", choices=["sela", "carp"], default="sela",
+                   help="sela: self-labelling with balanced Sinkhorn labels (default); carp: views against an EMA "
+                        "teacher on random blocks of prototypes")
     t.add_argument("--data", default="digits",
                    help="digits (bundled, no download) | imagefolder:PATH | cifar10:PATH | cifar100:PATH | svhn:PATH")
     t.add_argument("--arch", default=None,
                    help="mlp | smallcnn | alexnet_small | alexnet_big | resnet18 | resnet50 (default: per dataset)")
     t.add_argument("--ncl", type=int, default=None, help="clusters K (default: number of classes)")
     t.add_argument("--hc", type=int, default=None, help="SeLa heads, labelled together")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset, digits 40)")
+    t.add_argument("--batch-size", type=int, default=None, help="samples per step (default: per dataset)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate, > 0 (default: per dataset and method)")
     t.add_argument("--lrdrop", type=int, default=None, help="divide the learning rate by 10 every this many epochs")
     t.add_argument("--wd", type=float, default=None, help="weight decay (digits SeLa: 1e-4, else 1e-5)")
     t.add_argument("--nopts", type=int, default=None, help="SeLa label updates over the run (quadratic spacing)")
@@ -164,7 +174,7 @@ def _add_train(sub) -> None:
                    help="continue from OUT/checkpoint.pt with the same options (resolved defaults included; "
                         "a difference is an error naming it); only --out, --device, --workers, --stop-after, "
                         "--implicit, --memory-budget, --quiet and --no-tensorboard may change")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights, views and batches (default 0)")
     t.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
     t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     t.add_argument("--implicit", action="store_true",
@@ -178,13 +188,14 @@ def _add_train(sub) -> None:
     t.add_argument("--carp-momentum", type=float, default=None, help="CARP: initial EMA momentum of the teacher")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after this epoch (the run's schedule is kept; --resume continues it)")
-    t.add_argument("--no-tensorboard", action="store_true")
+    t.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard logs (OUT/tensorboard)")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     t.set_defaults(func=_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selflabel", description="Fast Sinkhorn-Knopp self-labelling (SeLa).")
+    parser.add_argument("--version", action="version", version=f"selflabel {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("label", help="label a saved score matrix (.npy), or features with --prototypes",
@@ -197,16 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "X W^T + bias recomputed per block and never stored (implicit mode)")
     p.add_argument("--bias", default=None, help="with --prototypes: (K,) or (H, K) .npy of head biases")
     p.add_argument("--out", required=True,
-                   help="labels file, written atomically: .npy (int64 array, (N,) or (H, N)), or .txt / .csv "
-                        "(text, one line per sample, H space / comma separated columns for H heads); "
-                        "other suffixes, a folder, a missing folder or an input file are refused before solving")
-    p.add_argument("--kind", choices=KINDS, default="logits")
-    p.add_argument("--lamb", type=float, default=25.0)
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None)
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="auto")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--tol", type=float, default=None)
-    p.add_argument("--max-iter", type=int, default=1000)
+                   help="labels file, written atomically: .npy (numpy int64 array, (N,) or (H, N)), .pt (torch "
+                        "int64 tensor, the same shape), or .txt / .csv (text, one line per sample, H space / comma "
+                        "separated columns for H heads); other suffixes, a folder, a missing folder or an input "
+                        "file are refused before solving")
+    p.add_argument("--kind", choices=KINDS, default="logits",
+                   help="what the scores are: logits (default) or log_probs (the same to the solver), or probs "
+                        "(softmax outputs, rows summing to 1: SeLa's input)")
+    p.add_argument("--lamb", type=float, default=25.0,
+                   help="sharpness, SeLa's lambda: the plan is exp(lamb * scores), scaled (default 25)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="compute precision (default: float64 for float64 scores, else float32)")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="auto",
+                   help="scaling (fastest), log (log domain, stable for any lamb), or auto (default: scaling "
+                        "when the dtype's range allows, switching to log at run time if needed)")
+    p.add_argument("--backend", default="auto",
+                   help="auto (default), cpu (fused C++), triton (CUDA), chunked (streamed within "
+                        "--memory-budget) or torch (reference)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="stop when the L1 error of the plan's column marginal is below this (default 1e-5); "
+                        "0 runs exactly --max-iter iterations")
+    p.add_argument("--max-iter", type=int, default=1000,
+                   help="iteration cap (default 1000); exit status 3 if the solve stops there unconverged")
     p.add_argument("--memory-budget", default=None,
                    help="stream the file in row blocks within this budget, e.g. 1GB (backend 'chunked')")
     p.add_argument("--device", default=None,
@@ -215,10 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
 
-    d = sub.add_parser("demo", help="label a generated network-like score matrix with every backend")
-    d.add_argument("--n", type=int, default=50_000)
-    d.add_argument("--k", type=int, default=500)
-    d.add_argument("--lamb", type=float, default=25.0)
+    d = sub.add_parser("demo", help="label a generated network-like score matrix with every backend",
+                       description="Generate N x K network-like softmax scores (some clusters nobody prefers) and "
+                                   "label them with every CPU backend, printing iterations, error, time and agreement.")
+    d.add_argument("--n", type=int, default=50_000, help="samples N, rows of the score matrix (default 50000)")
+    d.add_argument("--k", type=int, default=500, help="clusters K, columns of the score matrix (default 500)")
+    d.add_argument("--lamb", type=float, default=25.0, help="sharpness, SeLa's lambda (default 25)")
     d.set_defaults(func=_demo)
 
     _add_train(sub)
@@ -228,12 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# optional packages -> the extra of selflabel that installs them
+EXTRAS = {"sklearn": "train", "scipy": "train", "tensorboard": "train", "matplotlib": "bench", "ot": "bench",
+          "triton": "gpu", "torchvision": "vision"}
+
+
+def _error(exc: Exception) -> str:
+    """The error line; a missing optional package names the extra that installs it."""
+    missing = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+    if missing in EXTRAS and "pip install" not in str(exc):
+        return f"{exc}: pip install 'selflabel[{EXTRAS[missing]}]' installs it"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, ImportError, OSError) as exc:  # OSError: missing files, folders, permissions
-        print(f"selflabel: error: {exc}", file=sys.stderr)
+        print(f"selflabel: error: {_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,4 @@
-"""``make demo``: label a generated network-like score matrix with every backend."""
+"""``selflabel demo``: label a generated network-like score matrix with every backend."""
 
 from __future__ import annotations
 

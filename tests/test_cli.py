@@ -175,3 +175,89 @@ def test_label_text_outputs(tmp_path, suffix, delimiter):
     np.save(path, scores[0])
     assert main(["label", str(path), "--out", str(out), "--quiet"]) == 0
     assert np.array_equal(np.loadtxt(out, dtype=np.int64, delimiter=delimiter), ref[0])
+
+
+def test_label_pt_output(probs_file, tmp_path):
+    """.pt gets the labels as torch.load gives them back: the int64 tensor the API returns."""
+    path, p = probs_file
+    out = tmp_path / "labels.pt"
+    assert main(["label", str(path), "--kind", "probs", "--out", str(out), "--quiet"]) == 0
+    labels = torch.load(out, weights_only=True)
+    assert labels.dtype == torch.int64 and torch.equal(labels, sl.sinkhorn_knopp(p, kind="probs").labels)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"selflabel {sl.__version__} (torch ")
+
+
+def _options(parser):
+    """(subcommand, option) pairs of every option the parser and its subcommands take."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {flag}", a) for flag, a in _options(sub))
+        elif not isinstance(action, argparse._HelpAction):
+            yield "/".join(action.option_strings) or action.dest, action
+
+
+def test_every_option_has_help():
+    from selflabel.cli import build_parser
+
+    options = list(_options(build_parser()))
+    assert {"label --kind", "label --lamb", "label --tol", "demo --n", "demo --k", "train --method"} <= {
+        name for name, _ in options}
+    missing = [name for name, action in options if not action.help and not name.startswith("bench ")]
+    assert missing == [], f"options without help: {missing}"
+
+
+def _without(modules: list[str], argv: list[str], cwd) -> subprocess.CompletedProcess:
+    """``selflabel ARGV`` in a fresh interpreter where ``modules`` cannot be imported."""
+    code = (f"import sys\nfor m in {modules!r}:\n    sys.modules[m] = None\n"
+            "from selflabel.cli import main\nsys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_train_without_the_train_extra_names_it(tmp_path):
+    proc = _without(["scipy", "sklearn"], ["train", "--data", "digits", "--out", str(tmp_path / "run"), "--quiet"],
+                    tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'selflabel[train]'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_sources_name_their_extra(tmp_path, monkeypatch):
+    from selflabel.train.data import load_image_set
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r"--data digits .*pip install 'selflabel\[train\]'"):
+        load_image_set("digits")
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(ImportError, match=r"--data cifar10:.*pip install 'selflabel\[vision\]'"):
+        load_image_set(f"cifar10:{tmp_path}")
+
+
+def test_train_without_tensorboard_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'selflabel[train]'" in err and "--no-tensorboard" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_without_matplotlib_writes_the_report(tmp_path, monkeypatch, capsys):
+    """No matplotlib: the JSON and the markdown table are written, exit 0, and the plots name the extra."""
+    import selflabel.bench as bench
+
+    every = bench.solvers
+    monkeypatch.setattr(bench, "solvers", lambda device: [s for s in every(device) if s.name == "SeLa numpy loop"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--sizes", "300x10", "--tol", "1e-3", "--out", str(out)]) == 0
+    assert "no plots" in (text := capsys.readouterr().out) and "pip install 'selflabel[bench]'" in text
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "r.md"]
+    assert "| 300 x 10 | SeLa numpy loop |" in (tmp_path / "r.md").read_text()

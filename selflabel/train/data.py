@@ -1,9 +1,10 @@
 """Datasets and views for the training loop.
 
 ``--data digits`` is scikit-learn's bundled 8x8 digits (1797 images, 10 classes): no
-download, augmented with small random affine warps in plain torch. The other sources
-(``imagefolder:PATH``, ``cifar10:PATH``, ``cifar100:PATH``, ``svhn:PATH``) need torchvision
-and the data already on disk; nothing is downloaded at run time.
+download (scikit-learn comes with ``selflabel[train]``), augmented with small random affine
+warps in plain torch. The other sources (``imagefolder:PATH``, ``cifar10:PATH``,
+``cifar100:PATH``, ``svhn:PATH``) need torchvision (``selflabel[vision]``) and the data
+already on disk; nothing is downloaded at run time.
 
 Every random view is drawn from a generator seeded by (seed, epoch, sample index), so the
 views do not depend on worker count, batch order or whether the run was resumed.
@@ -41,7 +42,11 @@ class ImageSet:
 
 
 def load_digits_set() -> ImageSet:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError(f"--data digits is scikit-learn's bundled digits, and scikit-learn is not importable "
+                          f"({exc}): pip install 'selflabel[train]'") from exc
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
@@ -52,8 +57,8 @@ def _torchvision(spec: str) -> Any:
     try:
         import torchvision
     except ImportError as exc:
-        raise ImportError(f"--data {spec} needs torchvision (pip install torchvision); "
-                          "--data digits needs nothing extra") from exc
+        raise ImportError(f"--data {spec} needs torchvision: pip install 'selflabel[vision]' (or the torchvision "
+                          "that matches your torch)") from exc
     return torchvision
 
 
