@@ -15,8 +15,6 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_MIN = "2.13"  # the oldest torch CI builds and tests against (requirements-dev.txt pins it)
-# commands that compile selflabel._C; the others (sdist, egg_info, dist_info, ...) work without torch
-BUILD_COMMANDS = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "editable_wheel", "develop", "install"}
 
 
 def read(path: str) -> str:
@@ -27,13 +25,19 @@ def read(path: str) -> str:
 VERSION = re.search(r'^__version__ = "([^"]+)"$', read("selflabel/__init__.py"), re.M).group(1)
 
 
+def sdist_only() -> bool:
+    """Whether this run makes only an sdist (``sdist``, and ``egg_info`` alone: the two steps of an sdist build),
+    which needs no torch. Any other command stops at once without torch: pip's first step (dist_info) included."""
+    return "sdist" in sys.argv[1:] or sys.argv[-1] == "egg_info"
+
+
 def extension() -> dict:
     """``ext_modules`` and ``cmdclass`` for selflabel._C, or a one-line exit when torch is missing."""
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as exc:
-        if BUILD_COMMANDS.isdisjoint(sys.argv[1:]):
+        if sdist_only():
             return {}
         sys.exit(f"selflabel: building the C++ extension needs torch>={TORCH_MIN}, which is not importable here "
                  f"({exc}): install the torch you will train with (pip install torch) and run pip install "

@@ -79,6 +79,19 @@ def test_metadata(sdist):
     assert f'"torch>={pin}"' in build_requires.split("[build-system]")[1].split("\n[")[0]
 
 
+def test_build_without_torch_says_what_to_install(tmp_path):
+    """pip's first step (dist_info) where torch cannot be imported: one line naming what to install."""
+    code = ("import runpy, sys\nsys.modules['torch'] = None\n"
+            f"sys.argv = ['setup.py', 'dist_info', '--output-dir', {str(tmp_path)!r}]\n"
+            "runpy.run_path('setup.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("selflabel: building the C++ extension needs torch>=")
+    assert "pip install torch" in line and "--no-build-isolation" in line
+    assert os.listdir(tmp_path) == []
+
+
 def test_wheel_built_from_the_sdist_installs_and_imports_elsewhere(sdist, tmp_path):
     wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "target", tmp_path / "elsewhere"
     elsewhere.mkdir()
