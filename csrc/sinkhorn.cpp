@@ -90,26 +90,37 @@ class FlushDenormals {
 // so a thread that shares its core (with a noisy neighbour) does fewer chunks
 // instead of stalling the whole pass. `threads` (> 0) caps the workers below
 // at::get_num_threads(): the chunked solver leaves a core to its file reader.
+// A pass gets one worker per kGrainEntries entries at most: below that, waking a
+// second thread (and, on a busy machine, waiting for it to be scheduled) costs more
+// than the work (measured: 500 x 10 took longer on 2 threads than on 1).
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kMinChunkRows = 64;
+constexpr int64_t kGrainEntries = int64_t(1) << 16;
 
 class RowChunks {
  public:
-  RowChunks(int64_t N, int64_t threads)
+  RowChunks(int64_t N, int64_t K, int64_t threads)
       : N_(N),
         rows_(std::max(kMinChunkRows, (N + kMaxChunks - 1) / kMaxChunks)),
         count_((N + rows_ - 1) / rows_),
-        threads_(threads > 0 ? std::min<int64_t>(threads, at::get_num_threads()) : at::get_num_threads()) {}
+        threads_(std::min<int64_t>(threads > 0 ? std::min<int64_t>(threads, at::get_num_threads())
+                                               : at::get_num_threads(),
+                                   std::max<int64_t>(1, N * K / kGrainEntries))) {}
   int64_t count() const { return count_; }
   // f(chunk, begin, end) once per chunk, in parallel.
   template <typename F>
   void run(const F& f) const {
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min(threads_, count_);
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto work = [&](int64_t, int64_t) {
       const FlushDenormals ftz;
       for (int64_t c = next++; c < count_; c = next++) f(c, c * rows_, std::min(N_, (c + 1) * rows_));
-    });
+    };
+    if (workers <= 1) {
+      work(0, 1);  // on the calling thread: no parallel region at all
+    } else {
+      at::parallel_for(0, workers, 1, work);
+    }
   }
 
  private:
@@ -281,7 +292,7 @@ void prepare_impl(const at::Tensor& scores, double lamb, bool probs, bool expone
     scalar_t* rmax = rowmax.data_ptr<scalar_t>() + h * N;
     double* rsum = rowsum.data_ptr<double>() + h * N;
     double* rmin = rowmin.data_ptr<double>() + h * N;
-    const RowChunks chunks(N, threads);
+    const RowChunks chunks(N, K, threads);
     ColumnPartials cmax(chunks, K, -kInf);
     chunks.run([&](int64_t c, int64_t begin, int64_t end) {
       prepare_rows<scalar_t>(S, O, rmax, rsum, rmin, cmax.slot(c), begin, end, K,
@@ -387,7 +398,7 @@ void scaling_pass_impl(const at::Tensor& M, RowsOf rows_of, const at::Tensor& a,
     const auto rows = rows_of(h);
     scalar_t* U = u.data_ptr<scalar_t>() + h * N;
     const scalar_t* V = v.data_ptr<scalar_t>() + h * K;
-    const RowChunks chunks(N, threads);
+    const RowChunks chunks(N, K, threads);
     ColumnPartials wpart(chunks, K, 0.0);
     ChunkSum chg(chunks);
     chunks.run([&](int64_t c, int64_t begin, int64_t end) {
@@ -466,7 +477,7 @@ void log_pass_impl(const at::Tensor& L, RowsOf rows_of, const at::Tensor& log_a,
     const auto rows = rows_of(h);
     scalar_t* F = f.data_ptr<scalar_t>() + h * N;
     const scalar_t* G = g.data_ptr<scalar_t>() + h * K;
-    const RowChunks chunks(N, threads);
+    const RowChunks chunks(N, K, threads);
     ColumnPartials wpart(chunks, K, 0.0);
     ColumnPartials mpart(chunks, K, -kInf);
     ChunkSum chg(chunks);
@@ -535,7 +546,7 @@ void labels_impl(const at::Tensor& mat, RowsOf rows_of, const at::Tensor& log_v,
     std::vector<scalar_t> col(K);
     for (int64_t j = 0; j < K; ++j) col[j] = linear ? std::exp(LV[j]) : LV[j];
     int64_t* O = out.data_ptr<int64_t>() + h * N;
-    RowChunks(N, threads).run([&](int64_t, int64_t begin, int64_t end) {
+    RowChunks(N, K, threads).run([&](int64_t, int64_t begin, int64_t end) {
       label_rows<scalar_t>(rows, col.data(), linear, O, begin, end, K, row_offset);
     });
   }

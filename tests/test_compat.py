@@ -85,3 +85,46 @@ def test_sela_matches_reference(n, k, lamb):
 def test_sela_bad_dtype():
     with pytest.raises(ValueError, match="dtype"):
         optimize_labels(np.full((4, 2), 0.5), dtype=np.int64)
+
+
+def _cosines(b, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(b, 32, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(k, 32, generator=g), dim=1)
+    return z @ c.T
+
+
+@pytest.mark.parametrize("b,k", [(256, 3000), (1024, 300), (7, 50)])
+def test_swav_fast_path_equals_the_published_loop(b, k):
+    """Cosine scores at epsilon 0.05 take the direct fused path; its output is the peer's."""
+    out = _cosines(b, k)
+    got = distributed_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=3)
+    assert torch.allclose(got.double(), swav_reference(out, 0.05, 3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_swav_returns_the_input_dtype(dtype):
+    out = _cosines(64, 30).to(dtype)
+    got = distributed_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=3)
+    assert got.dtype == dtype
+    assert torch.allclose(got.double(), swav_reference(out.double(), 0.05, 3), atol=torch.finfo(dtype).eps * 4)
+
+
+def test_swav_reads_epsilon_and_iterations_from_args():
+    import argparse
+    import warnings
+
+    out = _cosines(64, 30)
+    opts = argparse.Namespace(epsilon=0.03, sinkhorn_iterations=5)
+    ref = swav_reference(out, 0.03, 5)
+    assert torch.allclose(distributed_sinkhorn(out, args=opts).double(), ref, atol=1e-6)
+    # as in SwAV's main_swav.py: a module-global `args` of the caller
+    code = "def call(out):\n    return distributed_sinkhorn(out)\n"
+    module = {"distributed_sinkhorn": distributed_sinkhorn, "args": opts}
+    exec(code, module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.allclose(module["call"](out).double(), ref, atol=1e-6)
+    with pytest.warns(UserWarning, match="no epsilon given"):
+        got = distributed_sinkhorn(out)
+    assert torch.allclose(got.double(), swav_reference(out, 0.05, 3), atol=1e-6)

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from ..backends import get_backend
 from ..distributed import Reducer
 from ..solver import sinkhorn_knopp
 
@@ -21,23 +22,58 @@ def _world_group():
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
+# Below this spread of lamb * scores, the scaling form cannot under- or overflow in float32:
+# kernel entries exp(lamb (x - rowmax)) stay above e^-40 and so do the ratios of the column
+# scalings (a column scaling is a reciprocal of a sum of such entries), so every product
+# stays above e^-80, inside float32's normal range (e^-87).
+FAST_SPREAD = 40.0
+
+
 def balanced_assignments(scores: torch.Tensor, lamb: float, n_iter: int) -> torch.Tensor:
     """SwAV-style fixed-iteration equipartition: (B, K) scores -> (B, K) soft assignments
     whose rows sum to 1, all-reducing across ranks when torch.distributed is initialised.
 
-    Same iterates as the peers' loop (clusters normalised first, against uniform sample
-    weights, then samples), computed stably: the first cluster normalisation is a
-    log-sum-exp, the rest runs in selflabel's solver with that as a warm start.
+    The same iterates as the peers' loop (clusters normalised first, against uniform sample
+    weights, then samples). Where ``lamb`` times the spread of the scores is at most
+    ``FAST_SPREAD`` (SwAV's cosine scores at epsilon 0.05 are), the fused kernels run them
+    directly: one pass builds ``exp(lamb (x - rowmax))``, each iteration reads it once, and
+    the output is one more product, where the peers' loop reads and writes the matrix about
+    ten times per iteration. Otherwise the solver runs them in its stable form (log-sum-exp
+    first step, scaling or log domain as needed), so ``exp(scores * lamb)`` never overflows.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must have shape (B, K), got {tuple(scores.shape)}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"the number of iterations must be a positive int, got {n_iter!r}")
     x = scores.detach()
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     group = _world_group()
     red = Reducer(group)
+    lo, hi = torch.aminmax(x)
+    extremes = red.max_(torch.stack([hi, -lo]).double().cpu())
+    if lamb * float(extremes.sum()) <= FAST_SPREAD:
+        return _direct(x, lamb, n_iter, red).to(scores.dtype)
     k = x.shape[1]
     log_v1 = -math.log(k) - red.logsumexp_(torch.logsumexp(lamb * x, dim=0))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*cannot be balanced")  # per-batch use: B < K is normal
         res = sinkhorn_knopp(x, lamb=lamb, tol=0, max_iter=n_iter, init=log_v1, process_group=group)
-    return res.plan(normalize_rows=True)
+    return res.plan(normalize_rows=True).to(scores.dtype)
+
+
+def _direct(x: torch.Tensor, lamb: float, n_iter: int, red: Reducer) -> torch.Tensor:
+    """The peers' iterates on E = exp(lamb (x - rowmax)) with the fused passes (safe spread only)."""
+    be = get_backend("auto", x.device)
+    prep = be.prepare(x[None].contiguous(), float(lamb), False, True)
+    E, m = prep.mat, prep.rowmax[0]
+    # first cluster normalisation of exp(lamb x) = E_ij exp(lamb m_i): row weights exp(lamb (m_i - max m))
+    top = red.max_(m.max().reshape(1))
+    w = torch.exp(lamb * (m - top)) @ E[0]
+    v = 1.0 / red.sum_(w)
+    ones = torch.ones(x.shape[0], dtype=E.dtype, device=E.device)
+    u = ones[None].clone()
+    for _ in range(n_iter - 1):  # sample then cluster normalisation, fused: one read of E
+        w, _ = be.scaling_pass(E, ones, u, v[None])
+        v = 1.0 / red.sum_(w[0])
+    q = E[0] * v
+    return q.div_(q.sum(1, keepdim=True))  # the last sample normalisation

@@ -1,0 +1,126 @@
+"""Speed on a busy machine: per-iteration time of the CPU backend at 1 and 2 threads (and the
+torch backend) while one busy-loop process per core competes for the cores, as DataLoader
+workers do during training; then a short digits ``selflabel train`` at 1 and 2 threads under
+the same load. The same figures on the quiet machine are measured first.
+
+    python benchmarks/bench_contention.py                  # about 4 minutes on 2 cores
+    python benchmarks/bench_contention.py --no-train --sizes 500x10 20000x500 --no-save
+
+Per-iteration time is the difference of two solves of different lengths (set-up cancels),
+the median of ``--repeat`` interleaved measurements. The busy loops stop by themselves after
+``--load-seconds`` and are killed at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import selflabel as sl
+from selflabel.bench import machine
+from selflabel.io import save_json
+from selflabel.synthetic import make_scores
+
+BUSY = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def busy_cores(count: int, seconds: float):
+    """``count`` busy-loop processes, each bounded to ``seconds``."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY.format(seconds=seconds)]) for _ in range(count)]
+    try:
+        time.sleep(0.5)  # let them start spinning
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def per_iteration(scores: torch.Tensor, backend: str, threads: int, short: int, long: int) -> float:
+    torch.set_num_threads(threads)
+    try:
+        def run(n: int) -> float:
+            t = time.perf_counter()
+            sl.sinkhorn_knopp(scores, backend=backend, tol=0, max_iter=n, check_every=n)
+            return time.perf_counter() - t
+
+        return (run(long) - run(short)) / (long - short)
+    finally:
+        torch.set_num_threads(2)
+
+
+def solver_rows(sizes: list[str], repeat: int) -> list[dict]:
+    rows = []
+    for size in sizes:
+        n, k = (int(x) for x in size.split("x"))
+        scores = make_scores(n, k, seed=0)
+        long = max(20, min(400, int(4e8 / (n * k))))
+        variants = [("cpu", 1), ("cpu", 2), ("torch", 2)]
+        times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+        for _ in range(repeat):  # interleaved, so drifts of the load hit every variant alike
+            for backend, threads in variants:
+                times[(backend, threads)].append(per_iteration(scores, backend, threads, long // 4, long))
+        for (backend, threads), ts in times.items():
+            rows.append(dict(n=n, k=k, backend=backend, threads=threads, ms=1e3 * statistics.median(ts)))
+    return rows
+
+
+def train_seconds(threads: int, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "selflabel", "train", "--epochs", str(epochs), "--out", out, "--quiet",
+                        "--no-tensorboard", "--device", "cpu"], check=True, env=env, capture_output=True)
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["500x10", "20000x500", "200000x500"])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--load-seconds", type=float, default=600.0)
+    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    report = {"machine": machine(), "busy_processes": cores, "rows": [], "train": []}
+    for load in ("quiet", "busy"):
+        ctx = busy_cores(cores, args.load_seconds) if load == "busy" else contextlib.nullcontext()
+        with ctx:
+            for row in solver_rows(args.sizes, args.repeat):
+                report["rows"].append({**row, "load": load})
+            if not args.no_train:
+                for threads in (1, 2):
+                    report["train"].append(dict(load=load, threads=threads,
+                                                seconds=train_seconds(threads, args.epochs)))
+    print("| load | N x K | cpu 1 thread ms | cpu 2 threads ms | torch 2 threads ms | cpu 2 / cpu 1 |")
+    print("|---|---|---|---|---|---|")
+    for load in ("quiet", "busy"):
+        for size in args.sizes:
+            n, k = (int(x) for x in size.split("x"))
+            got = {(r["backend"], r["threads"]): r["ms"] for r in report["rows"]
+                   if r["load"] == load and r["n"] == n and r["k"] == k}
+            print(f"| {load} | {n} x {k} | {got[('cpu', 1)]:.3f} | {got[('cpu', 2)]:.3f} | {got[('torch', 2)]:.3f} | "
+                  f"{got[('cpu', 2)] / got[('cpu', 1)]:.2f} |")
+    for t in report["train"]:
+        print(f"train {args.epochs} epochs, {t['load']}, {t['threads']} thread(s): {t['seconds']:.1f} s")
+    if not args.no_save:
+        stamp = dt.date.today().strftime("%Y%m%d")
+        path = os.path.join(os.path.dirname(__file__), "results", f"contention-{stamp}.json")
+        save_json(path, report)
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
