@@ -249,8 +249,8 @@ constexpr acc_t kSumScale = 0x1p-64;
 
 template <typename T>
 void prepare_rows(const T* __restrict__ S, T* __restrict__ O, T* rmax, double* rsum, double* rmin,
-                  acc_t* __restrict__ cm, int64_t begin, int64_t end, int64_t K, T lam, bool probs,
-                  bool exponentiate) {
+                  acc_t* __restrict__ cm, const T* __restrict__ G, T* __restrict__ rpot, int64_t begin,
+                  int64_t end, int64_t K, T lam, bool probs, bool exponentiate) {
   for (int64_t i = begin; i < end; ++i) {
     const T* __restrict__ s = S + i * K;
     T* __restrict__ o = O + i * K;
@@ -275,6 +275,14 @@ void prepare_rows(const T* __restrict__ S, T* __restrict__ O, T* rmax, double* r
     log_kernel_row(s, o, K, lam, m, probs);
 #pragma omp simd
     for (int64_t j = 0; j < K; ++j) cm[j] = vmax(cm[j], static_cast<acc_t>(o[j]));
+    if (G != nullptr) {  // absorbed column potentials, then the row shifted back to a maximum of 0
+      T r = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : r)
+      for (int64_t j = 0; j < K; ++j) r = vmax(r, o[j] += G[j]);
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) o[j] -= r;
+      rpot[i] = -r;
+    }
     if (exponentiate) {
 #pragma omp simd
       for (int64_t j = 0; j < K; ++j) o[j] = vexp(o[j]);
@@ -284,7 +292,8 @@ void prepare_rows(const T* __restrict__ S, T* __restrict__ O, T* rmax, double* r
 
 template <typename scalar_t>
 void prepare_impl(const at::Tensor& scores, double lamb, bool probs, bool exponentiate, at::Tensor& out,
-                  at::Tensor& rowmax, at::Tensor& colmax, at::Tensor& rowsum, at::Tensor& rowmin, int64_t threads) {
+                  at::Tensor& rowmax, at::Tensor& colmax, at::Tensor& rowsum, at::Tensor& rowmin,
+                  const c10::optional<at::Tensor>& col_pot, at::Tensor& row_pot, int64_t threads) {
   const int64_t H = scores.size(0), N = scores.size(1), K = scores.size(2);
   for (int64_t h = 0; h < H; ++h) {
     const scalar_t* S = scores.data_ptr<scalar_t>() + h * N * K;
@@ -292,10 +301,12 @@ void prepare_impl(const at::Tensor& scores, double lamb, bool probs, bool expone
     scalar_t* rmax = rowmax.data_ptr<scalar_t>() + h * N;
     double* rsum = rowsum.data_ptr<double>() + h * N;
     double* rmin = rowmin.data_ptr<double>() + h * N;
+    const scalar_t* G = col_pot.has_value() ? col_pot->data_ptr<scalar_t>() + h * K : nullptr;
+    scalar_t* rpot = row_pot.data_ptr<scalar_t>() + h * N;
     const RowChunks chunks(N, K, threads);
     ColumnPartials cmax(chunks, K, -kInf);
     chunks.run([&](int64_t c, int64_t begin, int64_t end) {
-      prepare_rows<scalar_t>(S, O, rmax, rsum, rmin, cmax.slot(c), begin, end, K,
+      prepare_rows<scalar_t>(S, O, rmax, rsum, rmin, cmax.slot(c), G, rpot, begin, end, K,
                              static_cast<scalar_t>(lamb), probs, exponentiate);
     });
     const std::vector<acc_t> c = cmax.reduce(-kInf, max_op);
@@ -571,25 +582,34 @@ void check_threads(int64_t threads) {
 
 // x = log(S) for probabilities, S otherwise; m_i = max_j x_ij;
 // out_ij = lamb * (x_ij - m_i) (log kernel) or exp of it (exponentiate: scaling kernel).
+// With `col_pot` (H, K), absorbed column potentials g: out_ij = lamb * (x_ij - m_i) + g_j + f_i
+// (or its exp) with f_i = -max_j (lamb * (x_ij - m_i) + g_j), so every row's maximum is 0 (1),
+// and f is returned as the row potentials (zeros without col_pot).
 // Returns {out (H,N,K), m (H,N), column max of lamb*(x - m) (H,K),
-//          raw row sum (H,N) double, raw row min (H,N) double}.
+//          raw row sum (H,N) double, raw row min (H,N) double, f (H,N)}.
 std::vector<at::Tensor> prepare(const at::Tensor& scores_in, double lamb, bool probs, bool exponentiate,
-                                int64_t threads) {
+                                int64_t threads, const c10::optional<at::Tensor>& col_pot) {
   check_matrix(scores_in, "scores");
   TORCH_CHECK(std::isfinite(lamb) && lamb > 0, "lamb must be a positive finite number, got ", lamb);
   check_threads(threads);
   const at::Tensor scores = scores_in.contiguous();
   const int64_t H = scores.size(0), N = scores.size(1), K = scores.size(2);
+  if (col_pot.has_value()) {
+    check_vector(*col_pot, scores, K, "col_pot");
+    TORCH_CHECK(at::isfinite(*col_pot).all().item<bool>(), "col_pot must be finite");
+  }
   at::Tensor out = at::empty_like(scores);
   at::Tensor rowmax = at::empty({H, N}, scores.options());
   at::Tensor colmax = at::empty({H, K}, scores.options());
+  at::Tensor row_pot = at::zeros({H, N}, scores.options());
   const auto dopt = scores.options().dtype(at::kDouble);
   at::Tensor rowsum = at::empty({H, N}, dopt);
   at::Tensor rowmin = at::empty({H, N}, dopt);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "selflabel_prepare", [&] {
-    prepare_impl<scalar_t>(scores, lamb, probs, exponentiate, out, rowmax, colmax, rowsum, rowmin, threads);
+    prepare_impl<scalar_t>(scores, lamb, probs, exponentiate, out, rowmax, colmax, rowsum, rowmin, col_pot, row_pot,
+                           threads);
   });
-  return {out, rowmax, colmax, rowsum, rowmin};
+  return {out, rowmax, colmax, rowsum, rowmin, row_pot};
 }
 
 // Score mode of the passes below: with `shift` (H, N) (the row max `prepare`
@@ -694,8 +714,10 @@ at::Tensor vec_log(const at::Tensor& x_in) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selflabel fused CPU kernels (see csrc/sinkhorn.cpp)";
-  m.def("prepare", &selflabel::prepare, "scores -> kernel matrix, row max, column max, row sum, row min",
-        py::arg("scores"), py::arg("lamb"), py::arg("probs"), py::arg("exponentiate"), py::arg("threads") = 0);
+  m.def("prepare", &selflabel::prepare,
+        "scores -> kernel matrix, row max, column max, row sum, row min, row potentials", py::arg("scores"),
+        py::arg("lamb"), py::arg("probs"), py::arg("exponentiate"), py::arg("threads") = 0,
+        py::arg("col_pot") = py::none());
   m.def("scaling_pass", &selflabel::scaling_pass, "one fused scaling-form iteration", py::arg("M"),
         py::arg("a"), py::arg("u"), py::arg("v"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
         py::arg("probs") = false, py::arg("threads") = 0);

@@ -42,6 +42,9 @@ MARGINAL_SUM_TOL = 1e-4  # marginals off by more than this are normalised with a
 # then v stays within exp(T) and products u*M*v stay in range.
 SCALING_SAFE_LOG = {torch.float32: 0.5 * math.log(torch.finfo(torch.float32).max),
                     torch.float64: 0.5 * math.log(torch.finfo(torch.float64).max)}
+# Stabilised scaling (backends that absorb potentials): column scalings are kept within e^+-ABSORB_LOG
+# of the absorbed kernel, whose rows have a maximum of 1, so products u * M * v stay far inside the range.
+ABSORB_LOG = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 def _as_tensor(scores: Any, name: str = "scores") -> torch.Tensor:
@@ -288,28 +291,33 @@ def _flush_margin(tol: float, criterion: str, K: int) -> float:
 
 
 class _Scaled(NamedTuple):
-    """Where a run of scaling iterations stopped."""
+    """Where a run of scaling iterations stopped. Duals are totals (absorbed potentials included)."""
 
     log_u: torch.Tensor | None  # (H, N) row duals of the plan checked last (None: no good check yet)
     log_v: torch.Tensor  # (H, K) the column duals that plan was measured with
     resume: torch.Tensor  # (H, K) the column duals to go on from (the next iteration's)
-    status: str  # "ended" (converged or max_iter), "overflow" or "tripped"
+    status: str  # "ended" (converged or max_iter), "overflow", "tripped" or "drifted"
     lost: float  # log of the bound on the plan mass of flushed kernel entries, at the last check
 
 
-def _run_scaling(loop: _Loop, M, a, log_a, b, log_v0, trip: float, n_total: int) -> _Scaled:
-    """Scaling iterations until the loop ends ("ended"), a check finds non-finite or zero
-    scalings ("overflow": the duals are the last good check's, loop.k its iteration), or the
-    bound on the mass of flushed kernel entries passes ``trip`` (log) at a check ("tripped")."""
+def _run_scaling(loop: _Loop, M, a, log_a, b, start, trip: float, n_total: int, absorbed=None,
+                 drift: float = math.inf) -> _Scaled:
+    """Scaling iterations on M = exp(log kernel + f_i + g_j) with ``absorbed`` = (f, g) potentials
+    (None: none), from column scalings exp(``start``) (None: ones), until the loop ends
+    ("ended"), a check finds non-finite or zero scalings ("overflow": the duals are the last good
+    check's, loop.k its iteration), the bound on the mass of flushed kernel entries passes
+    ``trip`` (log) at a check ("tripped"), or the next column scalings leave [e^-drift, e^drift]
+    ("drifted": absorb them and go on)."""
     H, N, K = M.shape
+    f_abs, g_abs = absorbed if absorbed is not None else (0.0, 0.0)
     u = a.repeat(H, 1)
-    log_v = torch.zeros(H, K, dtype=M.dtype, device=M.device) if log_v0 is None else log_v0
-    v = torch.exp(log_v)  # may underflow to 0: then the first check fails and the log form starts from log_v0
+    log_v = torch.zeros(H, K, dtype=M.dtype, device=M.device) if start is None else start
+    v = torch.exp(log_v)  # may underflow to 0: then the first check fails and the log form starts from start
     # Entries of M below the smallest normal number are flushed to 0 (or lose precision): each is at
     # most exp(floor), so with the plan (u, v) they carry at most exp(floor) * u_i * sum_j v_j of row i,
     # a share exp(floor) * (u_i / a_i) * sum_j v_j of it. Every rank computes the same bound.
     floor = math.log(torch.finfo(M.dtype).tiny)
-    good, good_k = _Scaled(None, log_v, log_v, "overflow", -math.inf), loop.k
+    good, good_k = _Scaled(None, g_abs + log_v, g_abs + log_v, "overflow", -math.inf), loop.k
     while loop.k < loop.max_iter:
         loop.k += 1
         out, err = loop.local(loop.be.scaling_pass, M, a, u, v)
@@ -319,24 +327,28 @@ def _run_scaling(loop: _Loop, M, a, log_a, b, log_v0, trip: float, n_total: int)
             finite = torch.isfinite(w).all() & (w > 0).all() & torch.isfinite(u).all() & (u > 0).all()
             finite &= torch.isfinite(v).all() & (v > 0).all()
             row_ratio = (torch.log(u) - log_a).amax(-1)  # max_i log(u_i / a_i) per head
-            stats = loop.red.max_(torch.cat([(~finite).to(torch.float64).reshape(1), row_ratio.double()]))
+            stats = loop.red.max_(torch.cat([(~finite).to(torch.float64).reshape(1), row_ratio.double()])).cpu()
             if float(stats[0]) > 0:
                 loop.k = good_k
                 return good._replace(status="overflow")
             # plus products below the normal range flushed inside the passes: at most exp(floor) each,
             # K of them per row sum (a share exp(floor) K u_i / a_i of row i) and N per column sum
-            log_v_sum = torch.logsumexp(torch.log(v.double()), -1)
-            rows = stats[1:] + torch.logaddexp(log_v_sum, torch.tensor(math.log(K), dtype=torch.float64))
+            log_v_sum = torch.logsumexp(torch.log(v.double()), -1).cpu()
+            rows = stats[1:] + torch.logaddexp(log_v_sum, torch.full_like(log_v_sum, math.log(K)))
             lost = float(torch.logaddexp(rows, log_v_sum + math.log(n_total)).max()) + floor
             ended = loop.record(v * w, b, change)
-            good = _Scaled(torch.log(u), torch.log(v), torch.log(b / w), "ended", lost)
+            log_next = torch.log(b / w)
+            good = _Scaled(f_abs + torch.log(u), g_abs + log_v, g_abs + log_next, "ended", lost)
             good_k = loop.k
             if ended:
                 return good
+            if float(log_next.abs().max()) > drift:  # absorbing first may settle the bound too
+                return good._replace(status="drifted")
             if lost > trip:
                 return good._replace(status="tripped")
         v = b / w
-    return _Scaled(torch.log(u), torch.log(v), torch.log(v), "ended", good.lost)
+        log_v = torch.log(v)
+    return _Scaled(f_abs + torch.log(u), g_abs + log_v, g_abs + log_v, "ended", good.lost)
 
 
 def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None, *, certify: bool = False):
@@ -540,7 +552,10 @@ def sinkhorn_knopp(
         weak = [name for name, x in (("row_marginal", a64), ("col_marginal", b64))
                 if not _linear_marginal_ok(x, cdtype)]
         any_weak = bool(red.max_(torch.tensor([float(bool(weak))], dtype=torch.float64))[0] > 0)
-        unsafe_start = any_weak or float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]
+        # A backend that absorbs column potentials into its kernel starts nearly dead columns from
+        # their best entry; the others need every column to keep an entry within the dtype's range.
+        dying = not getattr(be, "absorbs", False) and float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]
+        unsafe_start = any_weak or dying
         if unsafe_start and algorithm == "scaling" and any_weak:
             raise ValueError(f"{' and '.join(weak) or 'another rank'}: entries this small lose their precision "
                              f"in the scaling form in {cdtype}; use algorithm='log' or 'auto', or dtype=torch.float64")
@@ -555,12 +570,18 @@ def sinkhorn_knopp(
     with tqdm(total=max_iter, disable=not progress, desc=f"sinkhorn[{be.name}]", unit="it", leave=False) as bar:
         loop = _Loop(be, red, tol, max_iter, check_every, criterion, bar)
 
-        def prepare(log: bool):
-            nonlocal prep, kernel_is_log
-            if kernel_is_log != log:
+        absorbed_g = None  # the column potentials absorbed into the scaling kernel, if any
+
+        def prepare(log: bool, col_pot: torch.Tensor | None = None):
+            """The log kernel, or the scaling kernel with ``col_pot`` absorbed; rebuilt only on change."""
+            nonlocal prep, kernel_is_log, absorbed_g
+            if kernel_is_log != log or (not log and col_pot is not absorbed_g):
                 prep = None  # free the other kernel first
-                prep = be.prepare(S, lamb, probs, exponentiate=not log)
-                kernel_is_log = log
+                if log or col_pot is None:
+                    prep = be.prepare(S, lamb, probs, exponentiate=not log)
+                else:
+                    prep = be.prepare(S, lamb, probs, exponentiate=True, col_pot=col_pot)
+                kernel_is_log, absorbed_g = log, None if log else col_pot
             return prep.mat
 
         def log_operand():
@@ -572,12 +593,27 @@ def sinkhorn_knopp(
         if algo == "scaling":
             margin = _flush_margin(tol, criterion, K)
             keep_scaling = 0.25 * tol if criterion == "marginal" and tol > 0 else 1e-6  # row mass missed
-            trip, start, target = (margin if algorithm == "auto" else math.inf), log_v0, tol
+            trip, target = (margin if algorithm == "auto" else math.inf), tol
+            # Stabilised scaling: column potentials that would leave the dtype's comfortable range are
+            # absorbed into the kernel (exp(L + f + g), rows of maximum 1) and the scalings restart at 1.
+            absorbs = getattr(be, "absorbs", False)
+            drift = ABSORB_LOG[cdtype] if absorbs else math.inf
+            g_abs, start = None, log_v0
+            if absorbs:
+                total = torch.zeros(H, K, dtype=cdtype, device=device) if log_v0 is None else log_v0
+                lifted = torch.maximum(total, -colmax - ABSORB_LOG[cdtype])  # every column keeps an entry
+                if bool((lifted > total).any()) or float(total.min()) < -drift:
+                    g_abs, start = lifted, None
             while True:
                 loop.tol = target
-                state = _run_scaling(loop, prepare(log=False), a, log_a, b, start, trip, n_total)
+                mat = prepare(log=False, col_pot=g_abs)
+                absorbed = (prep.row_pot, g_abs) if g_abs is not None else None
+                state = _run_scaling(loop, mat, a, log_a, b, start, trip, n_total, absorbed, drift)
                 loop.tol = tol
                 log_u, log_v = state.log_u, state.log_v
+                if state.status == "drifted":
+                    g_abs, start = state.resume, None
+                    continue
                 if state.status == "overflow":
                     if algorithm == "scaling":
                         raise FloatingPointError(
@@ -609,14 +645,20 @@ def sinkhorn_knopp(
                 # The scaling form still iterates on (nearly) the exact kernel: go on, checking again once
                 # the bound has grown by e^5 and at the end. If it claimed tol but the exact pass measured
                 # more (float rounding of two measures), aim lower by the difference.
-                algo, start = "scaling", state.resume
+                algo = "scaling"
+                start = state.resume if g_abs is None else state.resume - g_abs  # scalings relative to the kernel
+                if absorbs and float(start.abs().max()) > drift:
+                    g_abs, start = state.resume, None
                 trip = state.lost + 5.0 if algorithm == "auto" else math.inf
                 if claimed:
                     target = max(0.5 * tol, target - (loop.error - measured))
         if iterate_log:
             log_u, log_v = _run_log(loop, prepare(log=True), log_a, log_b, log_v0, log_u0)
-        label_mat = log_operand() if algo == "log" else prep.mat
-        labels, err = loop.local(be.labels, label_mat, log_v.contiguous(), algo == "scaling", row_offset)
+        if algo == "log":
+            label_mat, label_v = log_operand(), log_v
+        else:  # the scaling kernel carries the absorbed column potentials
+            label_mat, label_v = prep.mat, log_v if absorbed_g is None else log_v - absorbed_g
+        labels, err = loop.local(be.labels, label_mat, label_v.contiguous(), algo == "scaling", row_offset)
         red.check(err)
         if gather_labels:
             labels = red.gather_rows(labels)

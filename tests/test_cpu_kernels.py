@@ -34,6 +34,29 @@ def test_prepare(shape, dtype, kind, exponentiate):
     assert torch.allclose(got.mat.double(), ref.mat.double(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+@pytest.mark.parametrize("exponentiate", [False, True])
+def test_prepare_absorbs_column_potentials(dtype, kind, exponentiate):
+    """With col_pot g: kernel lamb*(x - m) + g_j + f_i with f_i making every row's maximum 0."""
+    s = torch.randn(2, 300, 17, dtype=torch.float64) * 3
+    s = torch.softmax(s, -1) if kind == "probs" else s
+    s = s.to(dtype)
+    g = torch.randn(2, 17, dtype=dtype) * 40
+    got = CpuBackend().prepare(s, 7.5, kind == "probs", exponentiate, col_pot=g)
+    ref = TorchBackend().prepare(s, 7.5, kind == "probs", exponentiate, col_pot=g)
+    plain = TorchBackend().prepare(s, 7.5, kind == "probs", False)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-11)
+    assert torch.allclose(got.mat.double(), ref.mat.double(), **tol)
+    assert torch.allclose(got.row_pot.double(), ref.row_pot.double(), **tol)
+    log_k = got.mat.log() if exponentiate else got.mat
+    assert torch.allclose(log_k.amax(-1).double(), torch.zeros(2, 300, dtype=torch.float64), atol=1e-6)
+    expect = plain.mat + g[:, None, :] + got.row_pot[..., None]
+    finite = torch.isfinite(log_k) if exponentiate else torch.ones_like(log_k, dtype=torch.bool)
+    assert torch.allclose(log_k[finite].double(), expect[finite].double(), rtol=1e-5, atol=1e-3)
+    assert torch.equal(got.colmax, CpuBackend().prepare(s, 7.5, kind == "probs", exponentiate).colmax)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scaling_pass(shape, dtype):

@@ -14,12 +14,15 @@ def _peaked(n=400, k=20, dead=2, dtype=torch.float32, seed=0):
     return make_scores(n, k, temperature=12.0, dead=dead, dead_margin=1.5, dtype=dtype, seed=seed)
 
 
-def test_float32_auto_at_lamb_100_with_dead_clusters():
+@pytest.mark.parametrize("algorithm", ["auto", "scaling"])
+def test_float32_at_lamb_100_with_dead_clusters(algorithm):
+    """The stabilised scaling form (potentials absorbed into the kernel) solves what the plain one cannot."""
     scores = _peaked()
     n, k = scores.shape
-    with pytest.raises(FloatingPointError, match="algorithm='log'"):
-        sl.sinkhorn_knopp(scores, lamb=100.0, algorithm="scaling")
-    res = sl.sinkhorn_knopp(scores, lamb=100.0, max_iter=20_000)
+    with pytest.raises(FloatingPointError, match="algorithm='log'"):  # no absorption in chunked mode
+        sl.sinkhorn_knopp(scores, lamb=100.0, algorithm="scaling", backend="chunked")
+    res = sl.sinkhorn_knopp(scores, lamb=100.0, max_iter=20_000, algorithm=algorithm)
+    assert res.algorithm == "scaling" and res.switched_at is None
     assert res.converged and res.error <= 1e-5
     assert torch.isfinite(res.log_u).all() and torch.isfinite(res.log_v).all()
     sizes = torch.bincount(res.labels, minlength=k)
@@ -31,9 +34,10 @@ def test_float32_auto_at_lamb_100_with_dead_clusters():
 
 def test_auto_switches_to_log_when_scaling_breaks(monkeypatch):
     scores = _peaked()
-    # Pretend the dtype's range is huge so auto starts with the scaling form and must recover at run time.
+    # Pretend the dtype's range is huge so auto starts with the scaling form and must recover at run time
+    # (in chunked mode, which does not absorb potentials into its kernel).
     monkeypatch.setitem(solver_mod.SCALING_SAFE_LOG, torch.float32, 1e9)
-    res = sl.sinkhorn_knopp(scores, lamb=100.0, max_iter=20_000)
+    res = sl.sinkhorn_knopp(scores, lamb=100.0, max_iter=20_000, backend="chunked")
     assert res.switched_at is not None and res.algorithm == "log"
     assert res.converged and torch.isfinite(res.log_v).all()
     direct = sl.sinkhorn_knopp(scores, lamb=100.0, algorithm="log", max_iter=20_000)
@@ -43,7 +47,7 @@ def test_auto_switches_to_log_when_scaling_breaks(monkeypatch):
 def test_auto_fallback_at_the_last_iteration_still_runs_max_iter(monkeypatch):
     scores = _peaked()
     monkeypatch.setitem(solver_mod.SCALING_SAFE_LOG, torch.float32, 1e9)
-    res = sl.sinkhorn_knopp(scores, lamb=100.0, tol=0, max_iter=3, check_every=10)
+    res = sl.sinkhorn_knopp(scores, lamb=100.0, tol=0, max_iter=3, check_every=10, backend="chunked")
     assert res.switched_at == 0 and res.algorithm == "log" and res.n_iter == 3
     direct = sl.sinkhorn_knopp(scores, lamb=100.0, algorithm="log", tol=0, max_iter=3)
     assert torch.allclose(res.log_v, direct.log_v) and torch.allclose(res.log_u, direct.log_u)
@@ -80,15 +84,18 @@ def test_warm_start_cuts_iterations():
     assert (warm.labels == fresh.labels).float().mean() >= 0.999
 
 
-def test_warm_start_with_potentials_beyond_exp_range(backend="cpu"):
-    """A warm start whose exp underflows in the scaling form falls back to the log form from
-    the given potentials (it once resumed from log(0) = -inf and raised)."""
+@pytest.mark.parametrize("backend", ["cpu", "chunked"])
+def test_warm_start_with_potentials_beyond_exp_range(backend):
+    """A warm start whose exp underflows: absorbed into the kernel by the stabilised scaling form
+    (cpu), or the log form from the given potentials (chunked; it once resumed from log(0) = -inf
+    and raised)."""
     gen = torch.Generator().manual_seed(4)
     scores = torch.log_softmax(20 * torch.randn(2, 400, 10, generator=gen, dtype=torch.float64), -1)
     init = torch.tensor([-900.0] * 5 + [0.0] * 5, dtype=torch.float64)  # exp(-900) == 0 in float64
     res = sl.sinkhorn_knopp(scores, kind="log_probs", lamb=50.0, init=init, backend=backend, max_iter=20_000)
     ref = sl.sinkhorn_knopp(scores, kind="log_probs", lamb=50.0, algorithm="log", backend=backend, max_iter=20_000)
-    assert res.algorithm == "log" and torch.isfinite(res.log_v).all() and res.converged == ref.converged
+    assert res.algorithm == ("log" if backend == "chunked" else "scaling")
+    assert torch.isfinite(res.log_v).all() and res.converged == ref.converged
     assert (res.labels == ref.labels).float().mean() >= 0.99
 
 

@@ -20,6 +20,9 @@ class Prepared(NamedTuple):
     colmax: torch.Tensor  # (H, K): max_i lamb*(x_ij - m_i), <= 0
     rowsum: torch.Tensor  # (H, N) float64: sum_j of the raw scores (validation)
     rowmin: torch.Tensor  # (H, N) float64: min_j of the raw scores (validation)
+    # (H, N) with absorbed column potentials g (``col_pot``): f_i = -max_j (lamb*(x_ij - m_i) + g_j), the
+    # kernel being exp(lamb*(x - m) + f_i + g_j) (rows of maximum 1); None otherwise
+    row_pot: torch.Tensor | None = None
 
 
 class ScoreBlock(NamedTuple):
@@ -38,7 +41,10 @@ class Backend(Protocol):
     name: str
 
     def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
-        """Build the kernel matrix from (H, N, K) scores in the compute dtype."""
+        """Build the kernel matrix from (H, N, K) scores in the compute dtype. Backends with
+        ``absorbs = True`` also take ``col_pot=`` (H, K): column potentials absorbed into the
+        kernel, rows renormalised to a maximum of 1 (``Prepared.row_pot``): the stabilised
+        scaling form keeps its scalings near 1 with them."""
 
     def scaling_pass(
         self, M: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor

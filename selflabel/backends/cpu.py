@@ -30,13 +30,17 @@ class CpuBackend:
 
     name = "cpu"
     recomputes_rows = True  # the passes accept a ScoreBlock
+    absorbs = True  # prepare takes col_pot
 
     def __init__(self, threads: int = 0) -> None:
         self._C = _ext()
         self.threads = threads
 
-    def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
-        return Prepared(*self._C.prepare(scores, float(lamb), probs, exponentiate, threads=self.threads))
+    def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool,
+                col_pot: torch.Tensor | None = None) -> Prepared:
+        out = self._C.prepare(scores, float(lamb), probs, exponentiate, threads=self.threads,
+                              col_pot=None if col_pot is None else col_pot.contiguous())
+        return Prepared(*out[:5], out[5] if col_pot is not None else None)
 
     def log_view(self, prep: Prepared, scores: torch.Tensor, lamb: float, probs: bool) -> ScoreBlock:
         """The log kernel of ``prep``, recomputed row by row from the scores inside the passes."""

@@ -12,8 +12,10 @@ SUM_SCALE = 2.0**-64
 
 class TorchBackend:
     name = "torch"
+    absorbs = True
 
-    def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
+    def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool,
+                col_pot: torch.Tensor | None = None) -> Prepared:
         # summed scaled by 2**-64 (exact) so that finite float64 scores cannot overflow the sum
         if scores.dtype == torch.float64:
             rowsum = (scores * SUM_SCALE).sum(-1) / SUM_SCALE
@@ -26,9 +28,10 @@ class TorchBackend:
         mat = lamb * (x - torch.where(ok, rowmax, 0)[..., None])
         mat = torch.where(ok[..., None], mat, 0)
         colmax = mat.amax(1)
+        mat, row_pot = absorb(mat, col_pot)
         if exponentiate:
             mat = torch.exp(mat)
-        return Prepared(mat, rowmax, colmax, rowsum, rowmin)
+        return Prepared(mat, rowmax, colmax, rowsum, rowmin, row_pot)
 
     def scaling_pass(self, M, a, u, v):
         t = torch.bmm(M, v[..., None])[..., 0].double()
@@ -48,6 +51,16 @@ class TorchBackend:
     def labels(self, mat, log_v, linear, row_offset=0):
         vals = mat * torch.exp(log_v)[:, None, :] if linear else mat + log_v[:, None, :]
         return argmax_round(vals, row_offset, linear)
+
+
+def absorb(log_kernel: torch.Tensor, col_pot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log_kernel + col_pot`` with every row shifted back to a maximum of 0, and the row
+    potentials of that shift (in place); unchanged and None without ``col_pot``."""
+    if col_pot is None:
+        return log_kernel, None
+    log_kernel = log_kernel.add_(col_pot[:, None, :])
+    row_pot = -log_kernel.amax(-1)
+    return log_kernel.add_(row_pot[..., None]), row_pot
 
 
 TIE_ULPS = 64  # values within this many roundings of a row's maximum count as tied

@@ -10,18 +10,25 @@ from __future__ import annotations
 import torch
 
 from . import Prepared
+from .torch_ref import absorb
 
 
 class TritonBackend:
     name = "triton"
+    absorbs = True  # col_pot: the log kernel from the Triton prepare, absorbed with torch ops (rare: on drift)
 
     def __init__(self) -> None:
         from selflabel.kernels import labels, logdomain, prepare, scaling
 
         self._prepare, self._scaling, self._log, self._labels = prepare, scaling, logdomain, labels
 
-    def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
-        return Prepared(*self._prepare.prepare(scores, lamb, probs, exponentiate))
+    def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool,
+                col_pot: torch.Tensor | None = None) -> Prepared:
+        if col_pot is None:
+            return Prepared(*self._prepare.prepare(scores, lamb, probs, exponentiate))
+        mat, rowmax, colmax, rowsum, rowmin = self._prepare.prepare(scores, lamb, probs, False)
+        mat, row_pot = absorb(mat, col_pot)
+        return Prepared(mat.exp_() if exponentiate else mat, rowmax, colmax, rowsum, rowmin, row_pot)
 
     def scaling_pass(self, M, a, u, v):
         return self._scaling.scaling_pass(M, a, u, v)
