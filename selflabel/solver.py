@@ -276,8 +276,8 @@ class _Loop:
         stats = torch.stack([err.max(), crit.max()]).cpu()  # the one host sync per check
         self.error, value = float(stats[0]), float(stats[1])
         self.history.append((self.k, value))
-        self.bar.update(self.k - self.bar.n)
-        self.bar.set_postfix(err=f"{self.error:.2e}")
+        self.bar.n = self.k
+        self.bar.set_postfix(err=f"{self.error:.2e}")  # refreshes
         self.converged = self.tol > 0 and value <= self.tol
         return self.converged or self.k >= self.max_iter
 
@@ -509,8 +509,7 @@ def sinkhorn_knopp(
             be = ImplicitTritonBackend()
             S = scores
         elif chunked:
-            be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget, device)), progress=progress,
-                                device=device)
+            be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget, device)), device=device)
             S = ChunkedScores(src, cdtype)
         else:
             be = get_backend(backend, device)
@@ -567,8 +566,13 @@ def sinkhorn_knopp(
 
     switched_at, log_u0 = None, None
     kernel_is_log = iterate_log = algo == "log"  # what prep.mat holds; whether log iterations are to run
-    with tqdm(total=max_iter, disable=not progress, desc=f"sinkhorn[{be.name}]", unit="it", leave=False) as bar:
+    # One bar for the solve: iterations and the error at the last check (no total: a solve stops at tol,
+    # not at max_iter). Chunked passes advance it block by block.
+    with tqdm(disable=not progress, desc=f"sinkhorn[{be.name}]", unit="it", leave=False) as bar:
         loop = _Loop(be, red, tol, max_iter, check_every, criterion, bar)
+        streamed = progress and hasattr(be, "advance")
+        if streamed:
+            be.advance = bar.update
 
         absorbed_g = None  # the column potentials absorbed into the scaling kernel, if any
 

@@ -18,10 +18,10 @@ the device; only row blocks travel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-from tqdm.auto import tqdm
 
 from ..source import CallableSource, NpyFileSource, TensorSource
 from . import Backend, Prepared, ScoreBlock, resolve_device
@@ -69,7 +69,7 @@ class Streamed:
     exponentiate: bool
     dtype: torch.dtype
     feed: DeviceFeed
-    progress: bool = False
+    advance: Callable[[float], None] | None = None  # told the fraction of a pass each block is
     shift: torch.Tensor | None = None  # (H, N) row max, known after the first pass
     _cast: torch.Tensor | None = field(default=None, repr=False)  # reused dtype-conversion buffer
 
@@ -84,10 +84,10 @@ class Streamed:
     def blocks(self):
         """(lo, hi, scores (H, hi - lo, K)) in the compute dtype, contiguous, on the device; one pass."""
         n = self.shape[1]
-        with tqdm(total=n, disable=not self.progress, desc="pass", unit="row", unit_scale=True, leave=False) as bar:
-            for lo, hi, block in self.feed(self.source.blocks(self.rows), isinstance(self.source, TensorSource)):
-                yield lo, hi, self._in_compute_dtype(block)
-                bar.update(hi - lo)
+        for lo, hi, block in self.feed(self.source.blocks(self.rows), isinstance(self.source, TensorSource)):
+            yield lo, hi, self._in_compute_dtype(block)
+            if self.advance is not None:
+                self.advance((hi - lo) / n)
 
     def kernel_blocks(self, inner: Backend):
         """(lo, hi, kernel rows of the block) for ``inner``'s passes: a ScoreBlock where the
@@ -230,10 +230,11 @@ def inner_backend(device: torch.device, reader_thread: bool = False) -> Backend:
 class ChunkedBackend:
     name = "chunked"
 
-    def __init__(self, rows: int, progress: bool = False, device: torch.device | str = "cpu") -> None:
+    def __init__(self, rows: int, device: torch.device | str = "cpu") -> None:
         self.device = resolve_device(device)
         self.inner: Backend | None = None  # chosen with the source, in prepare
-        self.rows, self.progress = rows, progress
+        self.rows = rows
+        self.advance: Callable[[float], None] | None = None  # the solver's progress bar, fed per block
         self._feed: DeviceFeed | None = None
 
     def prepare(self, source: ChunkedScores, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
@@ -243,7 +244,7 @@ class ChunkedBackend:
         if self._feed is None:  # one set of transfer buffers for every pass of this solve
             self._feed = DeviceFeed(dev, source.shape, self.rows, source.inner.dtype)
             self.inner = inner_backend(dev, reader_thread=getattr(source.inner, "reader_thread", False))
-        mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype, self._feed, self.progress)
+        mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype, self._feed, self._advance)
         rowmax = torch.empty(h, n, dtype=dtype, device=dev)
         rowsum = torch.empty(h, n, dtype=torch.float64, device=dev)
         rowmin = torch.empty(h, n, dtype=torch.float64, device=dev)
@@ -254,6 +255,10 @@ class ChunkedBackend:
             torch.maximum(colmax, p.colmax, out=colmax)
         mat.shift = rowmax
         return Prepared(mat, rowmax, colmax, rowsum, rowmin)
+
+    def _advance(self, fraction: float) -> None:
+        if self.advance is not None:
+            self.advance(fraction)
 
     def log_view(self, prep: Prepared, scores: ChunkedScores, lamb: float, probs: bool) -> Streamed:
         """The log kernel of ``prep`` (already a recomputed stream): the same stream, read as logs."""
