@@ -693,6 +693,89 @@ at::Tensor labels(const at::Tensor& mat, const at::Tensor& log_v, bool linear,
   return out;
 }
 
+// column_sums: w_j = sum_i u_i M_ij, one read of M (the first cluster normalisation of the
+// fixed-iteration drop-ins).
+template <typename T>
+void column_sum_rows(const T* __restrict__ M, const T* __restrict__ U, acc_t* __restrict__ wp, int64_t begin,
+                     int64_t end, int64_t K) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* __restrict__ row = M + i * K;
+    const acc_t ui = U[i];
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) wp[j] += ui * static_cast<acc_t>(row[j]);
+  }
+}
+
+template <typename scalar_t>
+void column_sums_impl(const at::Tensor& M, const at::Tensor& u, at::Tensor& w, int64_t threads) {
+  const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* Mh = M.data_ptr<scalar_t>() + h * N * K;
+    const scalar_t* U = u.data_ptr<scalar_t>() + h * N;
+    const RowChunks chunks(N, K, threads);
+    ColumnPartials part(chunks, K, 0.0);
+    chunks.run([&](int64_t c, int64_t begin, int64_t end) { column_sum_rows(Mh, U, part.slot(c), begin, end, K); });
+    const std::vector<acc_t> ws = part.reduce(0.0, sum_op);
+    std::copy(ws.begin(), ws.end(), w.data_ptr<scalar_t>() + h * K);
+  }
+}
+
+// Returns w (H, K) in M's dtype.
+at::Tensor column_sums(const at::Tensor& M, const at::Tensor& u, int64_t threads) {
+  check_matrix(M, "M");
+  TORCH_CHECK(M.is_contiguous(), "M must be contiguous");
+  check_vector(u, M, M.size(1), "u");
+  check_threads(threads);
+  at::Tensor w = at::empty({M.size(0), M.size(2)}, M.options());
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_column_sums",
+                             [&] { column_sums_impl<scalar_t>(M, u, w, threads); });
+  return w;
+}
+
+// normalised_rows: Q_ij = M_ij v_j / sum_k M_ik v_k, each row summing to 1; one read of M, one
+// write of Q (the drop-ins' output).
+template <typename T>
+void normalised_row_range(const T* __restrict__ M, const T* __restrict__ V, T* __restrict__ Q, int64_t begin,
+                          int64_t end, int64_t K) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* __restrict__ row = M + i * K;
+    T* __restrict__ out = Q + i * K;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < K; ++j) {
+      out[j] = row[j] * V[j];
+      sum += static_cast<acc_t>(out[j]);
+    }
+    const T inv = static_cast<T>(1.0 / sum);
+#pragma omp simd
+    for (int64_t j = 0; j < K; ++j) out[j] *= inv;
+  }
+}
+
+template <typename scalar_t>
+void normalised_rows_impl(const at::Tensor& M, const at::Tensor& v, at::Tensor& q, int64_t threads) {
+  const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* Mh = M.data_ptr<scalar_t>() + h * N * K;
+    const scalar_t* V = v.data_ptr<scalar_t>() + h * K;
+    scalar_t* Q = q.data_ptr<scalar_t>() + h * N * K;
+    RowChunks(N, K, threads).run([&](int64_t, int64_t begin, int64_t end) {
+      normalised_row_range(Mh, V, Q, begin, end, K);
+    });
+  }
+}
+
+at::Tensor normalised_rows(const at::Tensor& M, const at::Tensor& v, int64_t threads) {
+  check_matrix(M, "M");
+  TORCH_CHECK(M.is_contiguous(), "M must be contiguous");
+  check_vector(v, M, M.size(2), "v");
+  check_threads(threads);
+  at::Tensor q = at::empty_like(M);
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_normalised_rows",
+                             [&] { normalised_rows_impl<scalar_t>(M, v, q, threads); });
+  return q;
+}
+
 at::Tensor vec_exp(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu(), "x must be a CPU tensor");
   const at::Tensor x = x_in.contiguous();
@@ -727,6 +810,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("labels", &selflabel::labels, "hard labels from the kernel matrix and column duals", py::arg("mat"),
         py::arg("log_v"), py::arg("linear"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
         py::arg("probs") = false, py::arg("threads") = 0, py::arg("row_offset") = 0);
+  m.def("column_sums", &selflabel::column_sums, "w = M^T u per head, one read of M", py::arg("M"), py::arg("u"),
+        py::arg("threads") = 0);
+  m.def("normalised_rows", &selflabel::normalised_rows, "rows of M diag(v), each normalised to sum 1",
+        py::arg("M"), py::arg("v"), py::arg("threads") = 0);
   m.def("vec_exp", &selflabel::vec_exp, "vectorised exp used by the kernels", py::arg("x"));
   m.def("vec_log", &selflabel::vec_log, "vectorised log used by the kernels", py::arg("x"));
 }

@@ -607,7 +607,7 @@ def sinkhorn_knopp(
                 total = torch.zeros(H, K, dtype=cdtype, device=device) if log_v0 is None else log_v0
                 lifted = torch.maximum(total, -colmax - ABSORB_LOG[cdtype])  # every column keeps an entry
                 if bool((lifted > total).any()) or float(total.min()) < -drift:
-                    g_abs, start = lifted, None
+                    g_abs, start = lifted, total - lifted  # the same iterates, on a kernel whose columns all live
             while True:
                 loop.tol = target
                 mat = prepare(log=False, col_pot=g_abs)

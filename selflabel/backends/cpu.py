@@ -56,6 +56,14 @@ class CpuBackend:
         logw, change = self._C.log_pass(L, log_a, f, g, **mode, threads=self.threads)
         return logw, change
 
+    def column_sums(self, M: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """w = M^T u per head: (H, K)."""
+        return self._C.column_sums(M, u.contiguous(), threads=self.threads)
+
+    def normalised_rows(self, M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Rows of M diag(v), each divided by its sum: (H, N, K)."""
+        return self._C.normalised_rows(M, v.contiguous(), threads=self.threads)
+
     def labels(self, mat, log_v, linear, row_offset=0):
         mat, mode = _operands(mat)
         return self._C.labels(mat, log_v.contiguous(), linear, **mode, threads=self.threads, row_offset=row_offset)

@@ -48,6 +48,13 @@ class TorchBackend:
         logw = torch.logsumexp(L + f[..., None], dim=1) + g
         return logw, change
 
+    def column_sums(self, M, u):
+        return torch.bmm(u[:, None, :], M)[:, 0, :]
+
+    def normalised_rows(self, M, v):
+        q = M * v[:, None, :]
+        return q.div_(q.sum(-1, keepdim=True))
+
     def labels(self, mat, log_v, linear, row_offset=0):
         vals = mat * torch.exp(log_v)[:, None, :] if linear else mat + log_v[:, None, :]
         return argmax_round(vals, row_offset, linear)

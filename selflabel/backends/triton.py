@@ -36,5 +36,12 @@ class TritonBackend:
     def log_pass(self, L, log_a, f, g):
         return self._log.log_pass(L, log_a, f, g)
 
+    def column_sums(self, M, u):
+        return torch.bmm(u[:, None, :], M)[:, 0, :]
+
+    def normalised_rows(self, M, v):
+        q = M * v[:, None, :]
+        return q.div_(q.sum(-1, keepdim=True))
+
     def labels(self, mat, log_v, linear, row_offset=0):
         return self._labels.labels(mat, log_v, linear, row_offset)

@@ -49,10 +49,12 @@ def balanced_assignments(scores: torch.Tensor, lamb: float, n_iter: int) -> torc
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     group = _world_group()
     red = Reducer(group)
-    lo, hi = torch.aminmax(x)
-    extremes = red.max_(torch.stack([hi, -lo]).double().cpu())
+    be = get_backend("auto", x.device)
+    prep = be.prepare(x[None].contiguous(), float(lamb), False, True)  # also gives each row's max and min
+    extremes = red.max_(torch.stack([prep.rowmax.max().double(), -prep.rowmin.min()]).cpu())
     if lamb * float(extremes.sum()) <= FAST_SPREAD:
-        return _direct(x, lamb, n_iter, red).to(scores.dtype)
+        return _direct(be, prep, lamb, n_iter, red).to(scores.dtype)
+    del prep
     k = x.shape[1]
     log_v1 = -math.log(k) - red.logsumexp_(torch.logsumexp(lamb * x, dim=0))
     with warnings.catch_warnings():
@@ -61,19 +63,15 @@ def balanced_assignments(scores: torch.Tensor, lamb: float, n_iter: int) -> torc
     return res.plan(normalize_rows=True).to(scores.dtype)
 
 
-def _direct(x: torch.Tensor, lamb: float, n_iter: int, red: Reducer) -> torch.Tensor:
+def _direct(be, prep, lamb: float, n_iter: int, red: Reducer) -> torch.Tensor:
     """The peers' iterates on E = exp(lamb (x - rowmax)) with the fused passes (safe spread only)."""
-    be = get_backend("auto", x.device)
-    prep = be.prepare(x[None].contiguous(), float(lamb), False, True)
     E, m = prep.mat, prep.rowmax[0]
     # first cluster normalisation of exp(lamb x) = E_ij exp(lamb m_i): row weights exp(lamb (m_i - max m))
     top = red.max_(m.max().reshape(1))
-    w = torch.exp(lamb * (m - top)) @ E[0]
-    v = 1.0 / red.sum_(w)
-    ones = torch.ones(x.shape[0], dtype=E.dtype, device=E.device)
+    v = 1.0 / red.sum_(be.column_sums(E, torch.exp(lamb * (m - top))[None]))
+    ones = torch.ones(E.shape[1], dtype=E.dtype, device=E.device)
     u = ones[None].clone()
     for _ in range(n_iter - 1):  # sample then cluster normalisation, fused: one read of E
-        w, _ = be.scaling_pass(E, ones, u, v[None])
-        v = 1.0 / red.sum_(w[0])
-    q = E[0] * v
-    return q.div_(q.sum(1, keepdim=True))  # the last sample normalisation
+        w, _ = be.scaling_pass(E, ones, u, v)
+        v = 1.0 / red.sum_(w)
+    return be.normalised_rows(E, v)[0]  # the last sample normalisation
