@@ -10,12 +10,20 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def configs(space: list[dict], interp: dict, warps: tuple[int, ...] = (4, 8)) -> list[triton.Config]:
-    """Autotune configs; under the CPU interpreter a single small config (autotuning
-    there would only multiply the run time)."""
+def gpu_configs(space: list[dict], warps: tuple[int, ...] = (4, 8)) -> list[triton.Config]:
+    """Autotune configs: every dict of block sizes at every warp count."""
+    return [triton.Config(c, num_warps=w) for c in space for w in warps]
+
+
+def configs(gpu: list[triton.Config], interp: dict) -> list[triton.Config]:
+    """Autotune configs: ``gpu`` on a GPU; under the CPU interpreter a single small config
+    (autotuning there would only multiply the run time). Each kernel module keeps its GPU space
+    importable as a module constant (``GPU_CONFIGS``...) even under the interpreter, for
+    benchmarks/kernel_resources.py; its first config is the kernel's default (the one
+    tests/test_kernel_compile.py compiles for sm_90a)."""
     if INTERPRET:
         return [triton.Config(interp, num_warps=1)]
-    return [triton.Config(c, num_warps=w) for c in space for w in warps]
+    return gpu
 
 
 def max_programs(device: torch.device) -> int:
@@ -23,3 +31,39 @@ def max_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def vector_width(K: int, element_size: int) -> int:
+    """The most elements (up to 16 bytes) that divide K: every row of a contiguous (.., K) matrix
+    then starts on that boundary, and the kernels read it in vector loads of that width."""
+    vec = 16 // element_size
+    while K % vec:
+        vec //= 2
+    return vec
+
+
+def check_tensors(kernel: str, dtypes: tuple[torch.dtype, ...], **tensors: tuple[torch.Tensor, tuple[int, ...]]):
+    """What the kernels assume of their tensors, checked before a launch (they index every tensor as
+    a dense row-major array with 32-bit column offsets): each ``name=(tensor, shape)`` is a tensor of
+    exactly that shape, contiguous, of the first tensor's dtype (one of ``dtypes``), on its device.
+    Raises ValueError naming the kernel and the argument."""
+    first = next(iter(tensors.values()))[0]
+    if first.dtype not in dtypes:
+        allowed = str(dtypes[0]) if len(dtypes) == 1 else "one of " + ", ".join(str(d) for d in dtypes)
+        raise ValueError(f"{kernel}: {next(iter(tensors))} must be {allowed}, got {first.dtype}")
+    for name, (t, shape) in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{kernel}: {name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{kernel}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{kernel}: {name} must be {first.dtype} like the matrix, got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{kernel}: {name} is on {t.device}, the matrix on {first.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{kernel}: {name} must be contiguous (strides {t.stride()} for shape "
+                             f"{tuple(t.shape)}); pass {name}.contiguous()")
+    if any(s == 0 for s in first.shape):
+        raise ValueError(f"{kernel}: empty matrix of shape {tuple(first.shape)}")
+    if first.shape[-1] >= 2**31:
+        raise ValueError(f"{kernel}: K = {first.shape[-1]} columns do not fit the kernels' 32-bit column index")

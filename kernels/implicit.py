@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, max_programs
+from ._common import check_tensors, configs, max_programs
 
 
 @triton.jit
@@ -46,10 +46,34 @@ def _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
     return lamb * (acc - m[:, None])
 
 
+# tl.dot configs (float16 / bfloat16 / float32 features). Of (64, 128) x (64, 128) x (32, 64) x (4, 8 warps),
+# these compile without spills for every dtype on sm_80 and sm_90a; the other twelve spill (most only on
+# sm_80, 128 x 128 on both; up to 1.2 KB). Shared memory stays under both targets' limits for all sixteen
+# (at most 128 KiB on sm_80 and 192 KiB on sm_90a, for 128 x 128 x 64).
+GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": 32}, num_warps=w)
+               for bn, bk, w in ((64, 64, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8))]
+# float64 (EXACT) multiplies a (BLOCK_N, BLOCK_K, BLOCK_D) broadcast product in registers: the tl.dot tiles
+# above took minutes to compile there and spilled (64 x 64 x 32 did not finish in 5 minutes; 16 x 64 x 32
+# spilled 8 KB, 64 x 64 x 4 3 KB). These compile in seconds without spills on sm_80 and sm_90a.
+EXACT_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 8}, num_warps=8),
+                 triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 4}, num_warps=4),
+                 triton.Config({"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 8}, num_warps=4)]
+
+
+def configs_for(exact: bool) -> list:
+    """The configs the autotuner tries for tl.dot (float16/bfloat16/float32 features) or EXACT (float64)."""
+    return EXACT_CONFIGS if exact else GPU_CONFIGS
+
+
+def _prune(cfgs, nargs, **kwargs):
+    keep = configs_for(kwargs["EXACT"])
+    return [c for c in cfgs if c in keep]
+
+
 @triton.autotune(
-    configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd} for bn in (64, 128) for bk in (64, 128)
-                     for bd in (32, 64)], {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}),
+    configs=configs(GPU_CONFIGS + EXACT_CONFIGS, {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}),
     key=["K", "D", "EXACT"],
+    prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["W_PART", "CHANGE_PART"],
     restore_value=["F", "MX_PART"],
 )
@@ -104,6 +128,13 @@ def implicit_log_pass(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     """One head: f <- log a - LSE_j(L + g) in place (L from x, w, bias); returns (log column mass (K,), change)."""
     N, D = x.shape
     K = w.shape[0]
+    check_tensors("implicit_log_pass", (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                  x=(x, (N, D)), w=(w, (K, D)))
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # tl.dot accumulates in float32
+    check_tensors("implicit_log_pass", (dt,), f=(f, (N,)), g=(g, (K,)), rowmax=(rowmax, (N,)), log_a=(log_a, (N,)),
+                  **({} if bias is None else {"bias": (bias, (K,))}))
+    if f.device != x.device:
+        raise ValueError(f"implicit_log_pass: the potentials are on {f.device}, the features on {x.device}")
     P = min(max_programs(x.device), N)
     w_part = torch.zeros(P, K, dtype=f.dtype, device=f.device)
     mx_part = torch.full((P, K), float("-inf"), dtype=f.dtype, device=f.device)

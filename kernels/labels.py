@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs
+from ._common import check_tensors, configs, vector_width
 
 TIE_ULPS = 64
 
@@ -32,50 +32,63 @@ def _tile_values(X, COL, roff, col_off, cols, rmask, K, LINEAR: tl.constexpr):
     return tl.where(cmask[None, :], val, float("-inf"))
 
 
+# Of (16, 64) x (128, 512) x (4, 8 warps), these compile without spills in float32 and float64 on sm_80 and
+# sm_90a; pruned for spilling: 64 x 512, 64 x 128 at 4 warps, 16 x 128 at 8 warps (8 B in float64).
+GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+               for bn, bk, w in ((16, 128, 4), (16, 512, 4), (16, 512, 8), (64, 128, 8))]
+
+
 @triton.autotune(
-    configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk} for bn in (16, 64) for bk in (128, 512)],
-                    {"BLOCK_N": 4, "BLOCK_K": 32}),
+    configs=configs(GPU_CONFIGS, {"BLOCK_N": 4, "BLOCK_K": 32}),
     key=["K", "LINEAR"],
 )
 @triton.jit
-def _labels_kernel(X, COL, OUT, N, K, ROW_OFFSET, TIE_SLACK, LINEAR: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _labels_kernel(X, COL, OUT, N, K, ROW_OFFSET, TIE_SLACK, VEC: tl.constexpr, LINEAR: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     blk = tl.program_id(0)
     h = tl.program_id(1)
     dt = X.dtype.element_ty
+    KS = (K // VEC) * VEC  # == K: every row starts on a VEC boundary (vector loads)
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    roff = h.to(tl.int64) * N * K + rows.to(tl.int64)[:, None] * K
+    roff = h.to(tl.int64) * N * KS + rows.to(tl.int64)[:, None] * KS
     cols0 = tl.arange(0, BLOCK_K)
     # pass 1: the row maximum
     best = tl.full([BLOCK_N], float("-inf"), dt)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, KS, BLOCK_K):
         cols = k0 + cols0
-        val = _tile_values(X, COL, roff, h * K, cols, rmask, K, LINEAR)
+        val = _tile_values(X, COL, roff, h * KS, cols, rmask, KS, LINEAR)
         best = tl.maximum(best, tl.max(val, axis=1))
     # pass 2: the tied value nearest after the row's start column (the tile is still in cache)
     floor = best - TIE_SLACK * best if LINEAR else best - TIE_SLACK * tl.maximum(tl.abs(best), 1.0)
-    start = (ROW_OFFSET + rows.to(tl.int64)) % K
-    dist = tl.zeros([BLOCK_N], tl.int64) + K  # (j - start) mod K of the first tie
-    for k0 in range(0, K, BLOCK_K):
+    start = ((ROW_OFFSET + rows.to(tl.int64)) % K).to(tl.int32)
+    dist = tl.zeros([BLOCK_N], tl.int32) + K  # (j - start) mod K of the first tie
+    for k0 in range(0, KS, BLOCK_K):
         cols = k0 + cols0
-        val = _tile_values(X, COL, roff, h * K, cols, rmask, K, LINEAR)
-        tied = (val >= floor[:, None]) & (cols < K)[None, :]
-        steps = (cols[None, :].to(tl.int64) - start[:, None] + K) % K
-        dist = tl.minimum(dist, tl.min(tl.where(tied, steps, K), axis=1))
-    tl.store(OUT + h * N + rows, (start + dist) % K, mask=rmask)
+        val = _tile_values(X, COL, roff, h * KS, cols, rmask, KS, LINEAR)
+        tied = (val >= floor[:, None]) & (cols < KS)[None, :]
+        steps = cols[None, :] - start[:, None]  # in (-K, K): mod K without a division per entry
+        steps = tl.where(steps < 0, steps + KS, steps)
+        dist = tl.minimum(dist, tl.min(tl.where(tied, steps, KS), axis=1))
+    label = tl.where(dist >= KS - start, dist - (KS - start), start + dist)  # (start + dist) mod K, no overflow
+    tl.store(OUT + h.to(tl.int64) * N + rows, label.to(tl.int64), mask=rmask)
 
 
 def labels(mat: torch.Tensor, log_v: torch.Tensor, linear: bool, row_offset: int = 0) -> torch.Tensor:
     H, N, K = mat.shape
-    col = (torch.exp(log_v) if linear else log_v).to(mat.dtype).contiguous()
+    if not isinstance(log_v, torch.Tensor) or tuple(log_v.shape) != (H, K):
+        raise ValueError(f"labels: log_v must be an (H, K) = {(H, K)} tensor, got "
+                         f"{tuple(getattr(log_v, 'shape', ()))}")
+    col = (torch.exp(log_v) if linear else log_v).to(device=mat.device, dtype=mat.dtype).contiguous()
+    check_tensors("labels", (torch.float32, torch.float64), mat=(mat, (H, N, K)), log_v=(col, (H, K)))
     out = torch.empty(H, N, dtype=torch.int64, device=mat.device)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), H)
 
     slack = TIE_ULPS * torch.finfo(mat.dtype).eps
-    _labels_kernel[grid](mat, col, out, N, K, row_offset, slack, LINEAR=linear)
+    _labels_kernel[grid](mat, col, out, N, K, row_offset, slack, VEC=vector_width(K, mat.element_size()),
+                         LINEAR=linear)
     return out
 
 

@@ -1,10 +1,11 @@
-"""Fused log-domain Sinkhorn iteration: stable for any lamb in float32.
+"""Fused log-domain Sinkhorn iteration: stable for any lamb in float32, one read of L.
 
-Shapes: L (H, N, K) log kernel, LOG_A (N,), F (H, N), G (H, K); float32/float64,
-contiguous. Program (p, h) owns the row blocks p, p + P, ... of head h and the
-column partials W_PART[h, p, :] (sums) and MX_PART[h, p, :] (maxima). Per block:
+Shapes: L (H, N, K) log kernel, LOG_A (N,), F (H, N), G (H, K); float32/float64, contiguous (the
+launcher checks); W_PART, MX_PART (H, P, K) column partials in L's dtype, CHANGE_PART (H, P)
+float64. Program (p, h) owns the row blocks p, p + P, ... of head h and the column partials
+W_PART[h, p, :] (sums) and MX_PART[h, p, :] (maxima). Per block:
 
-    r_i, s_i = online max / sum-exp of L_ij + g_j over the column tiles
+    r_i, s_i = max / sum-exp of L_ij + g_j over the row
     f_i = log a_i - r_i - log s_i,   alpha_i = a_i / s_i
     W_PART += sum_i alpha_i exp(L_ij + g_j - r_i)      (entries <= 1: no overflow)
     MX_PART = max(MX_PART, max_i L_ij + g_j - r_i + log alpha_i)
@@ -12,6 +13,12 @@ column partials W_PART[h, p, :] (sums) and MX_PART[h, p, :] (maxima). Per block:
 The host sums / maxes the partials: log W_j = log(sum) where the sum is a normal
 number, else the max (a lower bound within log N of the true value, for columns
 whose mass underflows in a transient state). log W is the column mass of (f, g).
+
+As in kernels/scaling.py, two kernels by the length of a row: ``_log_resident_kernel`` (rows of
+at most RESIDENT_BYTES) loads a row block into registers once, takes r and s from it and adds the
+column partials from the same registers (one exponential per entry, partials in registers across
+the program's blocks); ``_log_stream_kernel`` (longer rows) sweeps the row block twice in BLOCK_K
+tiles, an online max / sum-exp then the partials, re-reading the block (from L2 if it is still there).
 """
 
 from __future__ import annotations
@@ -20,38 +27,97 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, max_programs
+from ._common import check_tensors, configs, gpu_configs, max_programs, vector_width
+from .scaling import resident, resident_block_n, resident_configs
+
+RESIDENT_CONFIGS = gpu_configs([{"THREAD_BYTES": 128}, {"THREAD_BYTES": 64}], warps=(8, 4))  # as in scaling.py
+# Streaming kernel: of (16, 32) x (128, 256, 512) x (4, 8 warps), these compile without spills in float32
+# and float64 on sm_80 and sm_90a (16 x 128 at 4 warps spills 72 B in float64 with odd K: not the default);
+# pruned for spilling: 16 x 256 at 4 warps, 16 x 512, 32 x 128 at 4 warps, 32 x 256, 32 x 512.
+GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+               for bn, bk, w in ((16, 128, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8))]
+
+
+def _prune_resident(cfgs, nargs, **kwargs):
+    return resident_configs(kwargs["K_PAD"], nargs["L"].element_size(), kwargs["VEC"], cfgs)
 
 
 @triton.autotune(
-    configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk} for bn in (16, 32) for bk in (128, 256, 512)],
-                    {"BLOCK_N": 4, "BLOCK_K": 32}),
+    configs=configs(RESIDENT_CONFIGS, {"THREAD_BYTES": 16}),
+    key=["K"],
+    prune_configs_by={"early_config_prune": _prune_resident},
+    restore_value=["F"],
+)
+@triton.heuristics({"BLOCK_N": lambda a: resident_block_n(a["THREAD_BYTES"], a["num_warps"], a["K_PAD"],
+                                                          a["L"].element_size(), a["VEC"])})
+@triton.jit
+def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, VEC: tl.constexpr,
+                         K_PAD: tl.constexpr, THREAD_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    dt = L.dtype.element_ty
+    KS = (K // VEC) * VEC  # == K: every row starts on a VEC boundary (vector loads)
+    base = h.to(tl.int64) * N * KS
+    frow = h.to(tl.int64) * N
+    cols = tl.arange(0, K_PAD)
+    cmask = cols < KS
+    g = tl.load(G + h * KS + cols, mask=cmask, other=0.0)
+    w_acc = tl.zeros([K_PAD], dt)
+    mx_acc = tl.full([K_PAD], float("-inf"), dt)
+    change = tl.zeros([BLOCK_N], tl.float64)
+    for blk in tl.range(pid, tl.cdiv(N, BLOCK_N), NPROG):
+        rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        x = tl.load(L + base + rows.to(tl.int64)[:, None] * KS + cols[None, :],
+                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+        z = tl.where(cmask[None, :], x + g[None, :], float("-inf"))
+        r = tl.max(z, axis=1)
+        e = tl.exp(z - r[:, None])
+        log_alpha = tl.load(LOG_A + rows, mask=rmask, other=0.0) - tl.log(tl.sum(e, axis=1))
+        f_new = log_alpha - r
+        f_old = tl.load(F + frow + rows, mask=rmask, other=0.0)
+        change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
+        tl.store(F + frow + rows, f_new, mask=rmask)
+        alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
+        shift = tl.where(rmask, log_alpha - r, float("-inf"))
+        w_acc += tl.sum(alpha[:, None] * e, axis=0)
+        mx_acc = tl.maximum(mx_acc, tl.max(z + shift[:, None], axis=0))
+    poff = (h * NPROG + pid).to(tl.int64) * KS
+    tl.store(W_PART + poff + cols, w_acc, mask=cmask)
+    tl.store(MX_PART + poff + cols, mx_acc, mask=cmask)
+    tl.store(CHANGE_PART + h * NPROG + pid, tl.sum(change, axis=0))
+
+
+@triton.autotune(
+    configs=configs(GPU_CONFIGS, {"BLOCK_N": 4, "BLOCK_K": 32}),
     key=["K"],
     reset_to_zero=["W_PART", "CHANGE_PART"],
     restore_value=["F", "MX_PART"],
 )
 @triton.jit
-def _log_pass_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, VEC: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     dt = L.dtype.element_ty
-    base = h.to(tl.int64) * N * K
-    poff = (h * NPROG + pid).to(tl.int64) * K
+    KS = (K // VEC) * VEC  # == K: every row starts on a VEC boundary (vector loads)
+    base = h.to(tl.int64) * N * KS
+    frow = h.to(tl.int64) * N
+    poff = (h * NPROG + pid).to(tl.int64) * KS
     n_blocks = tl.cdiv(N, BLOCK_N)
     cols0 = tl.arange(0, BLOCK_K)
     change = tl.zeros([BLOCK_N], tl.float64)
     for blk in tl.range(pid, n_blocks, NPROG):
         rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
-        roff = base + rows.to(tl.int64)[:, None] * K
+        roff = base + rows.to(tl.int64)[:, None] * KS
         r = tl.full([BLOCK_N], float("-inf"), dt)
         s = tl.zeros([BLOCK_N], dt)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, KS, BLOCK_K):
             cols = k0 + cols0
-            cmask = cols < K
+            cmask = cols < KS
             x = tl.load(L + roff + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            g = tl.load(G + h * K + cols, mask=cmask, other=0.0)
+            g = tl.load(G + h * KS + cols, mask=cmask, other=0.0)
             z = tl.where(cmask[None, :], x + g[None, :], float("-inf"))
             r_new = tl.maximum(r, tl.max(z, axis=1))
             s = s * tl.exp(r - r_new) + tl.sum(tl.exp(z - r_new[:, None]), axis=1)
@@ -59,16 +125,16 @@ def _log_pass_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K,
         log_a = tl.load(LOG_A + rows, mask=rmask, other=0.0)
         log_alpha = log_a - tl.log(s)
         f_new = log_alpha - r
-        f_old = tl.load(F + h * N + rows, mask=rmask, other=0.0)
+        f_old = tl.load(F + frow + rows, mask=rmask, other=0.0)
         change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
-        tl.store(F + h * N + rows, f_new, mask=rmask)
+        tl.store(F + frow + rows, f_new, mask=rmask)
         alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
         shift = tl.where(rmask, log_alpha - r, float("-inf"))
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, KS, BLOCK_K):
             cols = k0 + cols0
-            cmask = cols < K
+            cmask = cols < KS
             x = tl.load(L + roff + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            g = tl.load(G + h * K + cols, mask=cmask, other=0.0)
+            g = tl.load(G + h * KS + cols, mask=cmask, other=0.0)
             z = x + g[None, :]
             e = tl.exp(z - r[:, None])
             w = tl.sum(alpha[:, None] * e, axis=0)
@@ -82,12 +148,20 @@ def _log_pass_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K,
 def log_pass(L: torch.Tensor, log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
     """f <- log a - LSE_j(L + g) in place; returns (log column mass (H, K), row change (H,) float64)."""
     H, N, K = L.shape
+    check_tensors("log_pass", (torch.float32, torch.float64), L=(L, (H, N, K)), log_a=(log_a, (N,)),
+                  f=(f, (H, N)), g=(g, (H, K)))
     P = min(max_programs(L.device), N)
-    w_part = torch.zeros(H, P, K, dtype=L.dtype, device=L.device)
-    mx_part = torch.full((H, P, K), float("-inf"), dtype=L.dtype, device=L.device)
+    vec = vector_width(K, L.element_size())
     change_part = torch.zeros(H, P, dtype=torch.float64, device=L.device)
-
-    _log_pass_kernel[(P, H)](L, log_a, f, g, w_part, mx_part, change_part, P, N, K)
+    if resident(K, L.element_size()):  # every program writes its rows of the partials
+        w_part = torch.empty(H, P, K, dtype=L.dtype, device=L.device)
+        mx_part = torch.empty(H, P, K, dtype=L.dtype, device=L.device)
+        _log_resident_kernel[(P, H)](L, log_a, f, g, w_part, mx_part, change_part, P, N, K, VEC=vec,
+                                     K_PAD=triton.next_power_of_2(K))
+    else:
+        w_part = torch.zeros(H, P, K, dtype=L.dtype, device=L.device)
+        mx_part = torch.full((H, P, K), float("-inf"), dtype=L.dtype, device=L.device)
+        _log_stream_kernel[(P, H)](L, log_a, f, g, w_part, mx_part, change_part, P, N, K, VEC=vec)
     w = w_part.sum(1)
     tiny = torch.finfo(L.dtype).tiny * 1e8
     logw = torch.where(w > tiny, torch.log(w), mx_part.amax(1))

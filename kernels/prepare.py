@@ -20,54 +20,62 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, max_programs
+from ._common import check_tensors, configs, max_programs, vector_width
 
 SUM_SCALE: tl.constexpr = tl.constexpr(5.421010862427522e-20)  # 2**-64
 
 
+# Of (8, 32) x (128, 512) x (4, 8 warps), these compile without spills for every flag, dtype and target
+# (benchmarks/results/kernel-resources.json); pruned for spilling: 32 x 512, 32 x 128 at 4 warps, and
+# 8 x 128 (4 to 8 B of spill at either warp count in some flag / dtype / target).
+GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+               for bn, bk, w in ((32, 128, 8), (8, 512, 8), (8, 512, 4))]
+
+
 @triton.autotune(
-    configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk} for bn in (8, 32) for bk in (128, 512)],
-                    {"BLOCK_N": 4, "BLOCK_K": 32}),
+    configs=configs(GPU_CONFIGS, {"BLOCK_N": 4, "BLOCK_K": 32}),
     key=["K", "PROBS", "EXPONENTIATE"],
 )
 @triton.jit
-def _prepare_kernel(S, OUT, ROWMAX, ROWSUM, ROWMIN, COLMAX_PART, NPROG, N, K, lamb,
+def _prepare_kernel(S, OUT, ROWMAX, ROWSUM, ROWMIN, COLMAX_PART, NPROG, N, K, lamb, VEC: tl.constexpr,
                     PROBS: tl.constexpr, EXPONENTIATE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     dt = S.dtype.element_ty
-    base = h.to(tl.int64) * N * K
+    KS = (K // VEC) * VEC  # == K: every row starts on a VEC boundary (vector loads)
+    base = h.to(tl.int64) * N * KS
+    hrow = h.to(tl.int64) * N
     n_blocks = tl.cdiv(N, BLOCK_N)
     cols0 = tl.arange(0, BLOCK_K)
     for blk in tl.range(pid, n_blocks, NPROG):
         rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
-        roff = base + rows.to(tl.int64)[:, None] * K
+        roff = base + rows.to(tl.int64)[:, None] * KS
         mx = tl.full([BLOCK_N], float("-inf"), dt)
         mn = tl.full([BLOCK_N], float("inf"), dt)
         sm = tl.zeros([BLOCK_N], dt)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, KS, BLOCK_K):
             cols = k0 + cols0
-            mask = rmask[:, None] & (cols < K)[None, :]
+            mask = rmask[:, None] & (cols < KS)[None, :]
             x = tl.load(S + roff + cols[None, :], mask=mask, other=0.0)
             mx = tl.maximum(mx, tl.max(tl.where(mask, x, float("-inf")), axis=1))
             mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
             sm += tl.sum(x * SUM_SCALE, axis=1)  # scaled by 2**-64: finite scores never overflow it
         m = tl.log(mx) if PROBS else mx
         ok = (sm == sm) & (m - m == 0)  # no NaN (or +inf and -inf) in the row, finite max; -inf entries are fine
-        tl.store(ROWMAX + h * N + rows, m, mask=rmask)
-        tl.store(ROWSUM + h * N + rows, sm.to(tl.float64) * 18446744073709551616.0, mask=rmask)
-        tl.store(ROWMIN + h * N + rows, mn.to(tl.float64), mask=rmask)
+        tl.store(ROWMAX + hrow + rows, m, mask=rmask)
+        tl.store(ROWSUM + hrow + rows, sm.to(tl.float64) * 18446744073709551616.0, mask=rmask)
+        tl.store(ROWMIN + hrow + rows, mn.to(tl.float64), mask=rmask)
         m_safe = tl.where(ok, m, 0.0)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, KS, BLOCK_K):
             cols = k0 + cols0
-            cmask = cols < K
+            cmask = cols < KS
             mask = rmask[:, None] & cmask[None, :]
             x = tl.load(S + roff + cols[None, :], mask=mask, other=1.0)
             lx = tl.log(x) if PROBS else x
             o = tl.where(ok[:, None], lamb * (lx - m_safe[:, None]), 0.0)
-            part = COLMAX_PART + (h * NPROG + pid).to(tl.int64) * K + cols
+            part = COLMAX_PART + (h * NPROG + pid).to(tl.int64) * KS + cols
             cm = tl.max(tl.where(mask, o, float("-inf")), axis=0)
             tl.store(part, tl.maximum(tl.load(part, mask=cmask, other=float("-inf")), cm), mask=cmask)
             if EXPONENTIATE:
@@ -79,6 +87,7 @@ def prepare(scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool):
     """Launch the exp-prob kernel; returns (mat, rowmax, colmax, rowsum, rowmin)."""
     H, N, K = scores.shape
     scores = scores.contiguous()
+    check_tensors("prepare", (torch.float32, torch.float64), scores=(scores, (H, N, K)))
     out = torch.empty_like(scores)
     rowmax = torch.empty(H, N, dtype=scores.dtype, device=scores.device)
     rowsum = torch.empty(H, N, dtype=torch.float64, device=scores.device)
@@ -87,11 +96,11 @@ def prepare(scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool):
     colmax_part = torch.full((H, P, K), float("-inf"), dtype=scores.dtype, device=scores.device)
 
     _prepare_kernel[(P, H)](scores, out, rowmax, rowsum, rowmin, colmax_part, P, N, K, float(lamb),
-                          PROBS=probs, EXPONENTIATE=exponentiate)
+                          VEC=vector_width(K, scores.element_size()), PROBS=probs, EXPONENTIATE=exponentiate)
     return out, rowmax, colmax_part.amax(1), rowsum, rowmin
 
 
 def torch_reference(scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool):
     from selflabel.backends.torch_ref import TorchBackend
 
-    return tuple(TorchBackend().prepare(scores, lamb, probs, exponentiate))
+    return tuple(TorchBackend().prepare(scores, lamb, probs, exponentiate))[:5]

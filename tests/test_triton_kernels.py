@@ -253,3 +253,39 @@ def test_chunked_device_errors():
     if not ON_GPU:
         with pytest.raises(ValueError, match="CUDA is not available"):
             sl.sinkhorn_knopp(scores, backend="chunked", memory_budget="80MB", device="cuda")
+
+
+def test_launchers_check_what_the_kernels_assume():
+    """The kernels index every tensor as dense row-major: the launchers refuse strided views, a dtype,
+    shape or device that differs from the matrix's, other matrix dtypes and empty matrices, naming the
+    argument, before any launch."""
+    M = torch.rand(1, 6, 5, device=DEV)
+    a, u, v = torch.rand(6, device=DEV), torch.rand(1, 6, device=DEV), torch.rand(1, 5, device=DEV)
+    with pytest.raises(ValueError, match=r"scaling_pass: M must be contiguous .*M.contiguous\(\)"):
+        scaling.scaling_pass(torch.rand(1, 5, 6, device=DEV).transpose(1, 2), a, u, v)
+    with pytest.raises(ValueError, match="scaling_pass: a must be torch.float32 like the matrix, got torch.float64"):
+        scaling.scaling_pass(M, a.double(), u, v)
+    with pytest.raises(ValueError, match=r"scaling_pass: u must be contiguous"):
+        scaling.scaling_pass(M, a, torch.rand(1, 12, device=DEV)[:, ::2], v)
+    with pytest.raises(ValueError, match=r"scaling_pass: v must have shape \(1, 5\), got \(1, 4\)"):
+        scaling.scaling_pass(M, a, u, v[:, :4].contiguous())
+    with pytest.raises(ValueError, match="scaling_pass: M must be one of torch.float32, torch.float64"):
+        scaling.scaling_pass(M.half(), a.half(), u.half(), v.half())
+    with pytest.raises(ValueError, match="empty matrix"):
+        scaling.scaling_pass(M[:, :0], a[:0], u[:, :0], v)
+    with pytest.raises(ValueError, match=r"log_pass: g must be contiguous"):
+        logdomain.log_pass(M, a, u.clone(), torch.rand(1, 10, device=DEV)[:, ::2])
+    with pytest.raises(ValueError, match=r"prepare: scores must be one of"):
+        prepare.prepare(M.to(torch.bfloat16), 5.0, False, True)
+    with pytest.raises(ValueError, match=r"labels: log_v must be an \(H, K\) = \(1, 5\) tensor"):
+        labels_k.labels(M, torch.zeros(5, device=DEV), False)
+    with pytest.raises(ValueError, match="labels: mat must be contiguous"):
+        labels_k.labels(M[:, :, :4], torch.zeros(1, 4, device=DEV), False)
+    x, w = torch.rand(6, 3, device=DEV), torch.rand(5, 3, device=DEV)
+    f, g, m = torch.zeros(6, device=DEV), torch.zeros(5, device=DEV), torch.zeros(6, device=DEV)
+    with pytest.raises(ValueError, match="implicit_log_pass: x must be contiguous"):
+        implicit.implicit_log_pass(torch.rand(3, 6, device=DEV).T, w, None, 1.0, m, f, f.clone(), g)
+    with pytest.raises(ValueError, match="implicit_log_pass: f must be torch.float64, got torch.float32"):
+        implicit.implicit_log_pass(x.double(), w.double(), None, 1.0, m.double(), f.double(), f, g.double())
+    with pytest.raises(ValueError, match=r"implicit_log_pass: bias must have shape \(5,\)"):
+        implicit.implicit_log_pass(x, w, torch.zeros(4, device=DEV), 1.0, m, f, f.clone(), g)
