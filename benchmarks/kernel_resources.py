@@ -134,20 +134,21 @@ def kernels() -> list[Kernel]:
                                     ("logdomain", logdomain, logdomain._log_stream_kernel, sig_log, "L")]:
         out.append(Kernel(
             name + " stream", fn, sig, [Variant(d, k) for d in ("fp32", "fp64") for k in _ks("stream", d)],
-            arg, lambda v, mod=mod: mod.GPU_CONFIGS, lambda v, c: _vec(v), _block_tile, True))
+            arg, lambda v, mod=mod: mod.stream_configs(ELEM[v.dtype], _vec(v)["VEC"]), lambda v, c: _vec(v),
+            _block_tile, True))
     out.append(Kernel(
         "prepare", prepare._prepare_kernel,
         lambda d: {"S": _p(d), "OUT": _p(d), "ROWMAX": _p(d), "ROWSUM": "*fp64", "ROWMIN": "*fp64",
                    "COLMAX_PART": _p(d), "NPROG": "i32", "N": "i32", "K": "i32", "lamb": "fp32"},
         [Variant(d, k, {"PROBS": p, "EXPONENTIATE": e}) for d in ("fp32", "fp64") for k in _ks("", d)
          for p in (False, True) for e in (False, True)],
-        "S", lambda v: prepare.GPU_CONFIGS, lambda v, c: _vec(v), _block_tile))
+        "S", lambda v: prepare.configs_for(ELEM[v.dtype], _vec(v)["VEC"]), lambda v, c: _vec(v), _block_tile))
     out.append(Kernel(
         "labels", labels._labels_kernel,
         lambda d: {"X": _p(d), "COL": _p(d), "OUT": "*i64", "N": "i32", "K": "i32", "ROW_OFFSET": "i64",
                    "TIE_SLACK": "fp32"},
         [Variant(d, k, {"LINEAR": lin}) for d in ("fp32", "fp64") for k in _ks("", d) for lin in (False, True)],
-        "X", lambda v: labels.GPU_CONFIGS, lambda v, c: _vec(v), _block_tile))
+        "X", lambda v: labels.configs_for(ELEM[v.dtype], _vec(v)["VEC"]), lambda v, c: _vec(v), _block_tile))
     # implicit: features in fp16/bf16/fp32 (tl.dot, fp32 potentials) or fp64 (exact, fp64 potentials),
     # D = 128 (a multiple of 16, as the JIT specialises it)
     out.append(Kernel(
@@ -156,9 +157,11 @@ def kernels() -> list[Kernel]:
          for b in (True, False)],
         "X", lambda v: implicit.configs_for(v.flags["EXACT"]), lambda v, c: {}, None, div16=("D",)))
     ci_flags = {"PROBS": True, "EXPONENTIATE": True, "LINEAR": False, "HAS_BIAS": True}
-    for kern in out:  # the CI set: SeLa's K in both dtypes (and K = 1000 for the one-read check), one flag set
+    for kern in out:  # the CI set: SeLa's K in both dtypes (K = 1000 for the one-read check, odd K for the passes)
         for v in kern.variants:
-            v.quick = (v.dtype in ("fp32", "fp64") and (v.k in (3000, 30000) or (v.k, v.dtype) == (1000, "fp32"))
+            narrow = kern.check_spills and v.k in (3001, 30001)  # the iteration passes' scalar-load configs too
+            v.quick = (v.dtype in ("fp32", "fp64") and (v.k in (3000, 30000) or (v.k, v.dtype) == (1000, "fp32")
+                                                        or narrow)
                        and all(v.flags.get(f, on) == on for f, on in ci_flags.items()))
     return out
 

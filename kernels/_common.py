@@ -26,6 +26,30 @@ def configs(gpu: list[triton.Config], interp: dict) -> list[triton.Config]:
     return gpu
 
 
+def tiles(*entries: tuple[int, int, int]) -> list[triton.Config]:
+    """Autotune configs from (BLOCK_N, BLOCK_K, num_warps) triples."""
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in entries]
+
+
+def union(*spaces: list[triton.Config]) -> list[triton.Config]:
+    """The configs of several spaces, each once, in order: what the autotuner is given before pruning."""
+    out: list[triton.Config] = []
+    for space in spaces:
+        out += [c for c in space if c not in out]
+    return out
+
+
+def prune_by_vec(configs_for, matrix: str):
+    """An ``early_config_prune`` keeping the configs ``configs_for(element_size, VEC)`` names for the
+    launch's matrix argument ``matrix`` (what compiles without spills depends on the load width)."""
+
+    def prune(cfgs, nargs, **kwargs):
+        keep = configs_for(nargs[matrix].element_size(), kwargs["VEC"])
+        return [c for c in cfgs if c in keep]
+
+    return prune
+
+
 def max_programs(device: torch.device) -> int:
     """Persistent-grid size: a few programs per SM, each owning one column partial."""
     if device.type != "cuda":

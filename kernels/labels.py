@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, vector_width
+from ._common import check_tensors, configs, prune_by_vec, tiles, union, vector_width
 
 TIE_ULPS = 64
 
@@ -34,13 +34,20 @@ def _tile_values(X, COL, roff, col_off, cols, rmask, K, LINEAR: tl.constexpr):
 
 # Of (16, 64) x (128, 512) x (4, 8 warps), these compile without spills in float32 and float64 on sm_80 and
 # sm_90a; pruned for spilling: 64 x 512, 64 x 128 at 4 warps, 16 x 128 at 8 warps (8 B in float64).
-GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-               for bn, bk, w in ((16, 128, 4), (16, 512, 4), (16, 512, 8), (64, 128, 8))]
+GPU_CONFIGS = tiles((16, 128, 4), (16, 512, 4), (16, 512, 8), (64, 128, 8))
+# Odd K (VEC = 1, scalar loads): 64 x 128 spills 408-488 B in both dtypes.
+NARROW_CONFIGS = {(4, 1): GPU_CONFIGS[:3], (8, 1): GPU_CONFIGS[:3]}
+
+
+def configs_for(element_size: int, vec: int) -> list[triton.Config]:
+    """The configs for a matrix of this element size read in VEC-wide loads."""
+    return NARROW_CONFIGS.get((element_size, vec), GPU_CONFIGS)
 
 
 @triton.autotune(
-    configs=configs(GPU_CONFIGS, {"BLOCK_N": 4, "BLOCK_K": 32}),
+    configs=configs(union(GPU_CONFIGS, *NARROW_CONFIGS.values()), {"BLOCK_N": 4, "BLOCK_K": 32}),
     key=["K", "LINEAR"],
+    prune_configs_by={"early_config_prune": prune_by_vec(configs_for, "X")},
 )
 @triton.jit
 def _labels_kernel(X, COL, OUT, N, K, ROW_OFFSET, TIE_SLACK, VEC: tl.constexpr, LINEAR: tl.constexpr,

@@ -27,15 +27,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, gpu_configs, max_programs, vector_width
+from ._common import check_tensors, configs, gpu_configs, max_programs, prune_by_vec, tiles, union, vector_width
 from .scaling import resident, resident_block_n, resident_configs
 
 RESIDENT_CONFIGS = gpu_configs([{"THREAD_BYTES": 128}, {"THREAD_BYTES": 64}], warps=(8, 4))  # as in scaling.py
 # Streaming kernel: of (16, 32) x (128, 256, 512) x (4, 8 warps), these compile without spills in float32
-# and float64 on sm_80 and sm_90a (16 x 128 at 4 warps spills 72 B in float64 with odd K: not the default);
-# pruned for spilling: 16 x 256 at 4 warps, 16 x 512, 32 x 128 at 4 warps, 32 x 256, 32 x 512.
-GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-               for bn, bk, w in ((16, 128, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8))]
+# and float64 on sm_80 and sm_90a when rows start on 8- or 16-byte boundaries; pruned for spilling: 16 x 256
+# at 4 warps, 16 x 512, 32 x 128 at 4 warps, 32 x 256, 32 x 512.
+GPU_CONFIGS = tiles((16, 128, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8))
+# Narrower loads (odd K; K = 2 mod 4 in float32) spill elsewhere: odd K in float32 at 16 x 128 / 8 warps
+# (8 B, sm_80), in float64 at 16 x 128 / 4 warps, 16 x 256 and 32 x 128 (48-424 B); float32 with 8-byte
+# loads at 16 x 256 and 32 x 128 (8-16 B). Keyed by (element size, VEC).
+NARROW_CONFIGS = {(4, 1): GPU_CONFIGS[1:], (8, 1): GPU_CONFIGS[:1], (4, 2): GPU_CONFIGS[:2]}
+
+
+def stream_configs(element_size: int, vec: int) -> list[triton.Config]:
+    """The streaming kernel's configs for a matrix of this element size read in VEC-wide loads."""
+    return NARROW_CONFIGS.get((element_size, vec), GPU_CONFIGS)
 
 
 def _prune_resident(cfgs, nargs, **kwargs):
@@ -89,8 +97,9 @@ def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N,
 
 
 @triton.autotune(
-    configs=configs(GPU_CONFIGS, {"BLOCK_N": 4, "BLOCK_K": 32}),
+    configs=configs(union(GPU_CONFIGS, *NARROW_CONFIGS.values()), {"BLOCK_N": 4, "BLOCK_K": 32}),
     key=["K"],
+    prune_configs_by={"early_config_prune": prune_by_vec(stream_configs, "L")},
     reset_to_zero=["W_PART", "CHANGE_PART"],
     restore_value=["F", "MX_PART"],
 )

@@ -20,21 +20,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, max_programs, vector_width
+from ._common import check_tensors, configs, max_programs, prune_by_vec, tiles, union, vector_width
 
 SUM_SCALE: tl.constexpr = tl.constexpr(5.421010862427522e-20)  # 2**-64
 
 
 # Of (8, 32) x (128, 512) x (4, 8 warps), these compile without spills for every flag, dtype and target
-# (benchmarks/results/kernel-resources.json); pruned for spilling: 32 x 512, 32 x 128 at 4 warps, and
-# 8 x 128 (4 to 8 B of spill at either warp count in some flag / dtype / target).
-GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-               for bn, bk, w in ((32, 128, 8), (8, 512, 8), (8, 512, 4))]
+# when rows start on 8- or 16-byte boundaries (benchmarks/results/kernel-resources.json); pruned for
+# spilling: 32 x 512, 32 x 128 at 4 warps, and 8 x 128 (4 to 8 B of spill in some flag / dtype / target).
+GPU_CONFIGS = tiles((32, 128, 8), (8, 512, 8), (8, 512, 4))
+# Narrower loads spill elsewhere: odd K (VEC = 1: scalar loads, a 64-bit address per element) in float32 at
+# 8 x 512 (4-36 B), in float64 at 32 x 128 (128-188 B), 8 x 256 and 16 x 256 (32-80 B); float32 with 8-byte
+# loads (K = 2 mod 4) at 8 x 512 / 8 warps (8-12 B). Keyed by (element size, VEC).
+NARROW_CONFIGS = {(4, 1): tiles((32, 128, 8), (16, 128, 8)), (8, 1): tiles((16, 128, 8), (8, 512, 8), (8, 512, 4)),
+                  (4, 2): tiles((32, 128, 8), (8, 512, 4))}
+
+
+def configs_for(element_size: int, vec: int) -> list[triton.Config]:
+    """The configs the autotuner tries for a matrix of this element size read in VEC-wide loads."""
+    return NARROW_CONFIGS.get((element_size, vec), GPU_CONFIGS)
 
 
 @triton.autotune(
-    configs=configs(GPU_CONFIGS, {"BLOCK_N": 4, "BLOCK_K": 32}),
+    configs=configs(union(GPU_CONFIGS, *NARROW_CONFIGS.values()), {"BLOCK_N": 4, "BLOCK_K": 32}),
     key=["K", "PROBS", "EXPONENTIATE"],
+    prune_configs_by={"early_config_prune": prune_by_vec(configs_for, "S")},
 )
 @triton.jit
 def _prepare_kernel(S, OUT, ROWMAX, ROWSUM, ROWMIN, COLMAX_PART, NPROG, N, K, lamb, VEC: tl.constexpr,

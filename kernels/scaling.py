@@ -25,7 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_tensors, configs, gpu_configs, max_programs, vector_width
+from ._common import (
+    INTERPRET,
+    check_tensors,
+    configs,
+    gpu_configs,
+    max_programs,
+    prune_by_vec,
+    tiles,
+    union,
+    vector_width,
+)
 
 # Rows up to this many bytes go through the resident kernel (one global read of M). Under the CPU
 # interpreter only rows up to 256 bytes do, so that the CPU tests (K <= 70) run both kernels.
@@ -40,9 +50,18 @@ RESIDENT_CONFIGS = gpu_configs([{"THREAD_BYTES": 128}, {"THREAD_BYTES": 64}], wa
 # Streaming kernel (rows longer than RESIDENT_BYTES): BLOCK_N x BLOCK_K tiles. Of (16, 32, 64) x (128, 256,
 # 512) x (4, 8 warps), the configs below compile without spills in float32 and float64 on sm_80 and sm_90a;
 # pruned for spilling: 16 x 512 at 8 warps, 32 x 256 and 32 x 512, 64 x 128 at 4 warps, 64 x 256 and 64 x 512.
-GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-               for bn, bk, w in ((16, 128, 8), (16, 128, 4), (16, 256, 8), (16, 256, 4), (16, 512, 4), (32, 128, 8),
-                                 (32, 128, 4), (64, 128, 8))]
+GPU_CONFIGS = tiles((16, 128, 8), (16, 128, 4), (16, 256, 8), (16, 256, 4), (16, 512, 4), (32, 128, 8),
+                    (32, 128, 4), (64, 128, 8))
+# Rows that start on 4- or 8-byte boundaries only (odd K; K = 2 mod 4 in float32) are read in narrower loads
+# and spill elsewhere: odd K at 32 x 128 / 4 warps and 64 x 128 (160-1280 B); float32 with 8-byte loads at
+# 16 x 128 / 8 warps, 16 x 256 and 32 x 128 / 8 warps (4-12 B). Keyed by (element size, VEC).
+NARROW_CONFIGS = {(4, 1): GPU_CONFIGS[:6], (8, 1): GPU_CONFIGS[:6],
+                  (4, 2): tiles((16, 128, 4), (16, 512, 4), (32, 128, 4), (64, 128, 8))}
+
+
+def stream_configs(element_size: int, vec: int) -> list[triton.Config]:
+    """The streaming kernel's configs for a matrix of this element size read in VEC-wide loads."""
+    return NARROW_CONFIGS.get((element_size, vec), GPU_CONFIGS)
 
 
 def resident(K: int, element_size: int) -> bool:
@@ -113,8 +132,9 @@ def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, VEC: 
 
 
 @triton.autotune(
-    configs=configs(GPU_CONFIGS, {"BLOCK_N": 4, "BLOCK_K": 32}),
+    configs=configs(union(GPU_CONFIGS, *NARROW_CONFIGS.values()), {"BLOCK_N": 4, "BLOCK_K": 32}),
     key=["K"],
+    prune_configs_by={"early_config_prune": prune_by_vec(stream_configs, "M")},
     reset_to_zero=["W_PART", "CHANGE_PART"],
     restore_value=["U"],
 )
