@@ -797,22 +797,24 @@ at::Tensor vec_log(const at::Tensor& x_in) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "selflabel fused CPU kernels (see csrc/sinkhorn.cpp)";
-  m.def("prepare", &selflabel::prepare,
+  // the passes run without the GIL: other Python threads (data loading, a second solve) go on meanwhile
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("prepare", &selflabel::prepare, nogil,
         "scores -> kernel matrix, row max, column max, row sum, row min, row potentials", py::arg("scores"),
         py::arg("lamb"), py::arg("probs"), py::arg("exponentiate"), py::arg("threads") = 0,
         py::arg("col_pot") = py::none());
-  m.def("scaling_pass", &selflabel::scaling_pass, "one fused scaling-form iteration", py::arg("M"),
+  m.def("scaling_pass", &selflabel::scaling_pass, nogil, "one fused scaling-form iteration", py::arg("M"),
         py::arg("a"), py::arg("u"), py::arg("v"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
         py::arg("probs") = false, py::arg("threads") = 0);
-  m.def("log_pass", &selflabel::log_pass, "one fused log-domain iteration", py::arg("L"), py::arg("log_a"),
+  m.def("log_pass", &selflabel::log_pass, nogil, "one fused log-domain iteration", py::arg("L"), py::arg("log_a"),
         py::arg("f"), py::arg("g"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
         py::arg("probs") = false, py::arg("threads") = 0);
-  m.def("labels", &selflabel::labels, "hard labels from the kernel matrix and column duals", py::arg("mat"),
+  m.def("labels", &selflabel::labels, nogil, "hard labels from the kernel matrix and column duals", py::arg("mat"),
         py::arg("log_v"), py::arg("linear"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
         py::arg("probs") = false, py::arg("threads") = 0, py::arg("row_offset") = 0);
-  m.def("column_sums", &selflabel::column_sums, "w = M^T u per head, one read of M", py::arg("M"), py::arg("u"),
+  m.def("column_sums", &selflabel::column_sums, nogil, "w = M^T u per head, one read of M", py::arg("M"), py::arg("u"),
         py::arg("threads") = 0);
-  m.def("normalised_rows", &selflabel::normalised_rows, "rows of M diag(v), each normalised to sum 1",
+  m.def("normalised_rows", &selflabel::normalised_rows, nogil, "rows of M diag(v), each normalised to sum 1",
         py::arg("M"), py::arg("v"), py::arg("threads") = 0);
   m.def("vec_exp", &selflabel::vec_exp, "vectorised exp used by the kernels", py::arg("x"));
   m.def("vec_log", &selflabel::vec_log, "vectorised log used by the kernels", py::arg("x"));

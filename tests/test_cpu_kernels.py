@@ -1,11 +1,14 @@
 """The fused C++ kernels against the plain-torch backend, pass by pass."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
 from selflabel import _C
 from selflabel.backends import ScoreBlock
-from selflabel.backends.cpu import CpuBackend
+from selflabel.backends.cpu import CpuBackend, WorkerCount
 from selflabel.backends.torch_ref import TorchBackend
 
 SHAPES = [(1, 1, 1), (1, 7, 1), (1, 1, 9), (2, 37, 13), (1, 130, 515), (3, 65, 1031), (1, 5, 2050)]
@@ -174,6 +177,77 @@ def test_passes_do_not_depend_on_the_thread_count():
         lw, cf = be.log_pass(ScoreBlock(s, lp.rowmax, 9.0, False), a.log(), f, g)
         runs.append([p.colmax, w, cw, u, lw, cf, f, be.labels(p.mat, v.log(), True)])
     for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+
+
+def _passes(threads: int, s: torch.Tensor, a: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+    be = CpuBackend(threads=threads)
+    p = be.prepare(s, 9.0, False, True)
+    u = torch.ones(s.shape[0], s.shape[1])
+    w, change = be.scaling_pass(p.mat, a, u, v)
+    return [p.mat, p.colmax, w, change, u, be.labels(p.mat, v.log(), True)]
+
+
+def test_passes_from_several_threads_at_once():
+    """The bindings release the GIL: passes started from several Python threads at once, with more
+    intra-op threads than cores, give the one-thread bits."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 4003, 263, generator=gen) * 3
+    a, v = torch.rand(4003, generator=gen) + 0.1, torch.rand(2, 263, generator=gen) + 0.1
+    ref = _passes(1, s, a, v)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        barrier = threading.Barrier(4)
+
+        def concurrent(_):
+            barrier.wait()
+            return _passes(0, s, a, v)
+
+        with ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(concurrent, range(4)))
+    finally:
+        torch.set_num_threads(before)
+    for out in outs:
+        for x, y in zip(out, ref, strict=True):
+            assert torch.equal(x, y)
+
+
+def test_worker_count_follows_the_faster_option(monkeypatch):
+    """Warm-up alternates all threads and one; then the faster runs, the other is retried now and then,
+    and a change of speed (a machine getting busy) flips the choice within a few dozen passes."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    count, seq = WorkerCount(), []
+    for i in range(200):
+        t = count.pick()
+        seq.append(t)
+        slow = 1 if i < 100 else 2  # one thread is slower at first, then two are
+        count.record(t, 2.0 if t == slow else 1.0)
+    assert seq[:4] == [2, 1, 2, 1]
+    assert seq[4:100].count(2) >= 90 and 1 in seq[4:100]  # the fast one, the slow one retried
+    assert seq[140:].count(1) >= 55  # flipped after the change
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert WorkerCount().pick() == 1
+
+
+@pytest.mark.parametrize("algorithm", ["scaling", "log"])
+def test_thread_count_changing_between_passes_gives_the_same_bits(monkeypatch, algorithm):
+    """A solve whose passes change thread count on the way gives the bits of a one-thread solve."""
+    import itertools
+
+    import selflabel as sl
+
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(20000, 40, generator=gen) * 2  # 12 grains of 65536 entries: two workers run
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    runs = []
+    for picks in ([1], [2, 1, 1, 2, 1]):
+        cycle = itertools.cycle(picks)
+        monkeypatch.setattr(WorkerCount, "pick", lambda self, cycle=cycle: next(cycle))
+        res = sl.sinkhorn_knopp(scores, backend="cpu", algorithm=algorithm, lamb=20, tol=1e-7)
+        runs.append((res.n_iter, res.error, res.labels, res.log_u, res.log_v))
+    assert runs[0][:2] == runs[1][:2]
+    for x, y in zip(runs[0][2:], runs[1][2:], strict=True):
         assert torch.equal(x, y)
 
 

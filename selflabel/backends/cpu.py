@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import Prepared, ScoreBlock
@@ -25,8 +27,64 @@ def _operands(mat) -> tuple[torch.Tensor, dict]:
     return mat, {}
 
 
+class WorkerCount:
+    """How many threads an iteration pass runs on, chosen by what the passes measure.
+
+    A pass gives the same bits at any thread count (rows are cut into chunks by N alone and the
+    column partials are added in chunk order), so the count may change from one pass to the next.
+    On a quiet machine all of ``torch.get_num_threads()`` win; on a busy one (DataLoader workers,
+    other jobs on the cores) a parallel pass waits for whichever thread the scheduler has not run,
+    and one thread can be several times faster. The first four passes alternate between all threads
+    and one; then the faster by the median of its last five passes' seconds runs (a pass on a busy
+    machine is sometimes preempted and sometimes lucky: the median ignores both), and the other is
+    tried once every ``interval`` passes (16, then 32 while the choice holds; at once again while the
+    tries beat the choice), so a change of load is noticed within a few dozen passes.
+    """
+
+    def __init__(self) -> None:
+        self.recent: dict[int, list[float]] = {}
+        self.runs: dict[int, int] = {}
+        self.best = 0
+        self.interval = 16
+        self.since = 0
+        self.exploring = 0
+
+    def pick(self) -> int:
+        many = torch.get_num_threads()
+        if many <= 1:
+            return 1
+        options = (many, 1)
+        done = sum(self.runs.get(t, 0) for t in options)
+        if done < 4:  # the warm-up: many, 1, many, 1
+            return options[done % 2]
+        best = min(options, key=self.typical)
+        if best != self.best:
+            self.best, self.interval, self.since = best, 16, 0
+        self.since += 1
+        if self.since >= self.interval:
+            self.since, self.interval = 0, min(2 * self.interval, 32)
+            self.exploring = options[1 - options.index(best)]
+            return self.exploring
+        return best
+
+    def typical(self, threads: int) -> float:
+        """The median of the last five passes on ``threads`` (inf before any)."""
+        times = sorted(self.recent.get(threads, ()))
+        return times[len(times) // 2] if times else float("inf")
+
+    def record(self, threads: int, seconds: float) -> None:
+        self.recent[threads] = (self.recent.get(threads, []) + [seconds])[-5:]
+        self.runs[threads] = self.runs.get(threads, 0) + 1
+        if threads == self.exploring:
+            self.exploring = 0
+            if seconds < self.typical(self.best):  # promising: try it again at once (its window is old)
+                self.since = self.interval
+
+
 class CpuBackend:
-    """``threads``: at most this many worker threads per pass (0: ``torch.get_num_threads()``)."""
+    """``threads``: at most this many worker threads per pass; 0 (the default) lets the iteration
+    passes choose between ``torch.get_num_threads()`` and one by their measured speed
+    (``WorkerCount``), and runs the other passes on ``torch.get_num_threads()``."""
 
     name = "cpu"
     recomputes_rows = True  # the passes accept a ScoreBlock
@@ -35,6 +93,18 @@ class CpuBackend:
     def __init__(self, threads: int = 0) -> None:
         self._C = _ext()
         self.threads = threads
+        self._counts: dict[tuple, WorkerCount] = {}
+
+    def _timed(self, fn, key: tuple, *args, **kwargs):
+        """``fn(*args, threads=..., **kwargs)`` on the worker count that ``key``'s passes run fastest."""
+        if self.threads:
+            return fn(*args, threads=self.threads, **kwargs)
+        count = self._counts.setdefault(key, WorkerCount())
+        threads = count.pick()
+        start = time.perf_counter()
+        out = fn(*args, threads=threads, **kwargs)
+        count.record(threads, time.perf_counter() - start)
+        return out
 
     def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool,
                 col_pot: torch.Tensor | None = None) -> Prepared:
@@ -48,12 +118,12 @@ class CpuBackend:
 
     def scaling_pass(self, M, a, u, v):
         M, mode = _operands(M)
-        w, change = self._C.scaling_pass(M, a, u, v, **mode, threads=self.threads)
+        w, change = self._timed(self._C.scaling_pass, ("scaling", M.shape, M.dtype, bool(mode)), M, a, u, v, **mode)
         return w, change
 
     def log_pass(self, L, log_a, f, g):
         L, mode = _operands(L)
-        logw, change = self._C.log_pass(L, log_a, f, g, **mode, threads=self.threads)
+        logw, change = self._timed(self._C.log_pass, ("log", L.shape, L.dtype, bool(mode)), L, log_a, f, g, **mode)
         return logw, change
 
     def column_sums(self, M: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
