@@ -58,7 +58,8 @@ def main() -> None:
                       f"{best:.3f} | {ms:.2f} | {ms / healthy_ms:.2f} |", flush=True)
     if not args.no_save:
         stamp = dt.date.today().strftime("%Y%m%d")
-        path = os.path.join(os.path.dirname(__file__), "results", f"solve-cpu-{stamp}.json")
+        tag = f"-dead{args.dead_fraction:g}" if args.dead_fraction else ""
+        path = os.path.join(os.path.dirname(__file__), "results", f"solve-cpu{tag}-{stamp}.json")
         save_json(path, {"machine": machine(), "lamb": args.lamb, "rows": rows})
         print(f"saved {path}")
 
