@@ -217,23 +217,9 @@ def _swav(probs: torch.Tensor, lamb: float) -> Prepared:
     cosine /= -cosine.amin()
 
     def start():  # peers.swav_inplace, held as a state
-        q = torch.exp(cosine / 0.05).T
-        q /= q.sum()
-        return q
+        return peers.swav_start(cosine, 0.05)
 
-    def advance(q, m: int):
-        k, b = q.shape
-        for _ in range(m):
-            q /= q.sum(dim=1, keepdim=True)
-            q /= k
-            q /= q.sum(dim=0, keepdim=True)
-            q /= b
-        return q
-
-    def error(q) -> float:
-        k, b = q.shape
-        return float((q.sum(1) - 1.0 / k).abs().sum() + (q.sum(0) - 1.0 / b).abs().sum())
-    return Prepared(lambda n: peers.swav_inplace(cosine, 0.05, n), _stepped(start, advance, error))
+    return Prepared(lambda n: peers.swav_inplace(cosine, 0.05, n), _stepped(start, peers.swav_steps, peers.swav_error))
 
 
 def _sela(probs: torch.Tensor, lamb: float) -> Prepared:

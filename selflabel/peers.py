@@ -47,16 +47,32 @@ def torch_matvec(M: torch.Tensor, n_iter: int) -> float:
     return float((u * (M @ v) - a).abs().sum())  # v was updated last: columns are exact
 
 
-def swav_inplace(scores: torch.Tensor, eps: float, n_iter: int) -> float:
-    q = torch.exp(scores / eps).T  # K x B, a transposed view, as in SwAV
+def swav_start(scores: torch.Tensor, eps: float) -> torch.Tensor:
+    """SwAV's Q before its iterations: K x B, a transposed view, normalised to total mass 1."""
+    q = torch.exp(scores / eps).T
     q /= q.sum()
+    return q
+
+
+def swav_steps(q: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """``n_iter`` of SwAV's in-place iterations on ``q`` (K x B)."""
     k, b = q.shape
     for _ in range(n_iter):
         q /= q.sum(dim=1, keepdim=True)
         q /= k
         q /= q.sum(dim=0, keepdim=True)
         q /= b
+    return q
+
+
+def swav_error(q: torch.Tensor) -> float:
+    """L1 error of both marginals of SwAV's ``q`` (K x B)."""
+    k, b = q.shape
     return float((q.sum(1) - 1.0 / k).abs().sum() + (q.sum(0) - 1.0 / b).abs().sum())
+
+
+def swav_inplace(scores: torch.Tensor, eps: float, n_iter: int) -> float:
+    return swav_error(swav_steps(swav_start(scores, eps), n_iter))
 
 
 def _pot(solver, scores: np.ndarray, lamb: float, n_iter: int) -> float:
