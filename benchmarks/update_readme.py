@@ -10,6 +10,8 @@ import json
 import os
 import re
 
+from selflabel.io import atomic_write
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "..", "README.md")
 
@@ -45,14 +47,19 @@ def block() -> str:
                 + "; ".join(parts) + f"; peak RSS grew {growth:.0f} MiB while solving.", ""]
     gpu = newest("gpu-*.json")
     out += [f"GPU: see {os.path.basename(gpu)}." if gpu else
-            "GPU figures (`benchmarks/bench_gpu.py`) are not measured yet: no GPU session has run them.", ""]
+            "GPU timings (`benchmarks/bench_gpu.py`) are not measured yet.", ""]
     suite = os.path.join(HERE, "results", "bench-cpu-report.md")
     if os.path.exists(suite):
-        out += ["All solvers side by side (`selflabel bench --sizes 20000x500 100000x1000`; plots in "
-                "benchmarks/results/bench-cpu-report_*.png). Iterations to tol are the first power of two "
-                "whose error is below 1e-4. The SwAV/DINOv2 row runs in SwAV's own regime (cosine scores, "
-                "eps = 0.05), an easier problem than lamb = 25 on log-probabilities: compare its time per "
-                "iteration, not its time to tol.", "", open(suite).read().strip()]
+        report = json.load(open(os.path.splitext(suite)[0] + ".json"))
+        m = report["machine"]
+        sizes = " ".join(f"{e['n']}x{e['k']}" for e in report["sizes"])
+        out += [f"All solvers side by side (`selflabel bench --sizes {sizes}`, bench-cpu-report.json, plots in "
+                f"benchmarks/results/bench-cpu-report_*.png; {m['threads']} threads on {m['cpu']}, torch {m['torch']}, "
+                f"{report['date'][:10]}). "
+                "Iterations to tol are the first power of two whose error is below 1e-4. The SwAV/DINOv2 row runs "
+                "in SwAV's own regime (cosine scores, eps = 0.05), an easier problem than lamb = 25 on "
+                "log-probabilities: compare its time per iteration, not its time to tol.", "",
+                open(suite).read().strip()]
     return "\n".join(out)
 
 
@@ -60,7 +67,7 @@ def main() -> None:
     text = open(README).read()
     new = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->",
                  lambda _: f"<!-- bench:start -->\n{block()}\n<!-- bench:end -->", text, flags=re.S)
-    with open(README, "w") as fh:
+    with atomic_write(README, "w") as fh:
         fh.write(new)
 
 
