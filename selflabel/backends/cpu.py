@@ -42,8 +42,7 @@ class WorkerCount:
     """
 
     def __init__(self) -> None:
-        self.recent: dict[int, list[float]] = {}
-        self.runs: dict[int, int] = {}
+        self.recent: dict[int, list[float]] = {}  # the last five seconds per thread count
         self.best = 0
         self.interval = 16
         self.since = 0
@@ -54,7 +53,7 @@ class WorkerCount:
         if many <= 1:
             return 1
         options = (many, 1)
-        done = sum(self.runs.get(t, 0) for t in options)
+        done = sum(len(self.recent.get(t, ())) for t in options)
         if done < 4:  # the warm-up: many, 1, many, 1
             return options[done % 2]
         best = min(options, key=self.typical)
@@ -74,7 +73,6 @@ class WorkerCount:
 
     def record(self, threads: int, seconds: float) -> None:
         self.recent[threads] = (self.recent.get(threads, []) + [seconds])[-5:]
-        self.runs[threads] = self.runs.get(threads, 0) + 1
         if threads == self.exploring:
             self.exploring = 0
             if seconds < self.typical(self.best):  # promising: try it again at once (its window is old)
