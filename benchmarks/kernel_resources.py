@@ -128,7 +128,7 @@ def kernels() -> list[Kernel]:
                                     ("logdomain", logdomain, logdomain._log_resident_kernel, sig_log, "L")]:
         out.append(Kernel(
             name + " resident", fn, sig, [Variant(d, k) for d in ("fp32", "fp64") for k in _ks("resident", d)],
-            arg, lambda v, mod=mod: mod.resident_configs(triton.next_power_of_2(v.k), ELEM[v.dtype], _vec(v)["VEC"]),
+            arg, lambda v: scaling.resident_configs(triton.next_power_of_2(v.k), ELEM[v.dtype], _vec(v)["VEC"]),
             lambda v, c, mod=mod: _resident(mod, v, c), lambda v, c, mod=mod: _resident_tile(mod, v, c), True))
     for name, mod, fn, sig, arg in [("scaling", scaling, scaling._scaling_stream_kernel, sig_scaling, "M"),
                                     ("logdomain", logdomain, logdomain._log_stream_kernel, sig_log, "L")]:

@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, gpu_configs, max_programs, prune_by_vec, tiles, union, vector_width
-from .scaling import resident, resident_block_n, resident_configs
+from ._common import check_tensors, configs, max_programs, prune_by_vec, tiles, union, vector_width
+from .scaling import RESIDENT_CONFIGS, prune_resident, resident, resident_block_n  # one resident space for both
 
-RESIDENT_CONFIGS = gpu_configs([{"THREAD_BYTES": 128}, {"THREAD_BYTES": 64}], warps=(8, 4))  # as in scaling.py
 # Streaming kernel: of (16, 32) x (128, 256, 512) x (4, 8 warps), these compile without spills in float32
 # and float64 on sm_80 and sm_90a when rows start on 8- or 16-byte boundaries; pruned for spilling: 16 x 256
 # at 4 warps, 16 x 512, 32 x 128 at 4 warps, 32 x 256, 32 x 512.
@@ -46,14 +45,10 @@ def stream_configs(element_size: int, vec: int) -> list[triton.Config]:
     return NARROW_CONFIGS.get((element_size, vec), GPU_CONFIGS)
 
 
-def _prune_resident(cfgs, nargs, **kwargs):
-    return resident_configs(kwargs["K_PAD"], nargs["L"].element_size(), kwargs["VEC"], cfgs)
-
-
 @triton.autotune(
     configs=configs(RESIDENT_CONFIGS, {"THREAD_BYTES": 16}),
     key=["K"],
-    prune_configs_by={"early_config_prune": _prune_resident},
+    prune_configs_by={"early_config_prune": prune_resident("L")},
     restore_value=["F"],
 )
 @triton.heuristics({"BLOCK_N": lambda a: resident_block_n(a["THREAD_BYTES"], a["num_warps"], a["K_PAD"],

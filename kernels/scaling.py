@@ -89,14 +89,19 @@ def resident_configs(k_pad: int, element_size: int, vec: int, space: list | None
     return [c for c in space if k_pad * element_size <= room(c)] or [max(space, key=room)]
 
 
-def _prune_resident(cfgs, nargs, **kwargs):
-    return resident_configs(kwargs["K_PAD"], nargs["M"].element_size(), kwargs["VEC"], cfgs)
+def prune_resident(matrix: str):
+    """An ``early_config_prune`` for a resident kernel whose matrix argument is ``matrix``."""
+
+    def prune(cfgs, nargs, **kwargs):
+        return resident_configs(kwargs["K_PAD"], nargs[matrix].element_size(), kwargs["VEC"], cfgs)
+
+    return prune
 
 
 @triton.autotune(
     configs=configs(RESIDENT_CONFIGS, {"THREAD_BYTES": 16}),
     key=["K"],
-    prune_configs_by={"early_config_prune": _prune_resident},
+    prune_configs_by={"early_config_prune": prune_resident("M")},
     restore_value=["U"],
 )
 @triton.heuristics({"BLOCK_N": lambda a: resident_block_n(a["THREAD_BYTES"], a["num_warps"], a["K_PAD"],
