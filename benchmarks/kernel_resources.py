@@ -121,9 +121,11 @@ def _ks(kind: str, dtype: str) -> list[int]:
 def kernels() -> list[Kernel]:
     out = []
     sig_scaling = lambda d: {"M": _p(d), "A": _p(d), "U": _p(d), "V": _p(d), "W_PART": _p(d),  # noqa: E731
-                             "CHANGE_PART": "*fp64", "NPROG": "i32", "N": "i32", "K": "i32"}
+                             "CHANGE_PART": "*fp64", "NPROG": "i32", "N": "i32", "K": "i32",
+                             "OMEGA": "fp32"}
     sig_log = lambda d: {"L": _p(d), "LOG_A": _p(d), "F": _p(d), "G": _p(d), "W_PART": _p(d),  # noqa: E731
-                         "MX_PART": _p(d), "CHANGE_PART": "*fp64", "NPROG": "i32", "N": "i32", "K": "i32"}
+                         "MX_PART": _p(d), "CHANGE_PART": "*fp64", "NPROG": "i32", "N": "i32", "K": "i32",
+                         "OMEGA": "fp32"}
     for name, mod, fn, sig, arg in [("scaling", scaling, scaling._scaling_resident_kernel, sig_scaling, "M"),
                                     ("logdomain", logdomain, logdomain._log_resident_kernel, sig_log, "L")]:
         out.append(Kernel(
@@ -170,7 +172,7 @@ def _implicit_sig(x: str) -> dict:
     d = "fp64" if x == "fp64" else "fp32"
     return {"X": _p(x), "W": _p(x), "BIAS": _p(d), "ROWMAX": _p(d), "LOG_A": _p(d), "F": _p(d), "G": _p(d),
             "W_PART": _p(d), "MX_PART": _p(d), "CHANGE_PART": "*fp64", "NPROG": "i32", "N": "i32", "K": "i32",
-            "D": "i32", "lamb": "fp32"}
+            "D": "i32", "lamb": "fp32", "OMEGA": "fp32"}
 
 
 # ---------------------------------------------------------------- PTX: loops and global loads

@@ -351,10 +351,21 @@ inline void row_dots(const T* const* rows, int64_t nr, const T* __restrict__ v, 
   }
 }
 
-// Rows [begin, end): u_i <- a_i / (M_i . v); wp += sum_i u_i M_i. Returns sum_i |u_old/u_new - 1|.
+// Over-relaxation (selflabel/accel.py holds the same rule in torch): a dual coordinate whose plain
+// update is the log step y takes omega * y instead, where that longer step still raises the dual
+// objective <a, f> + <b, g> - sum_ij exp(L_ij + f_i + g_j). A row of mass r_i (y = log(a_i / r_i))
+// gains r_i (s e^y - e^s + 1) from a step s: at s = omega y that is >= 0 for every y <= 0 and omega
+// in [1, 2], and is tested for y > 0; where it fails the row takes the plain step y (which always gains).
+inline acc_t relaxed_step(acc_t y, acc_t omega) {
+  if (omega == 1.0 || !(y > 0)) return omega * y;
+  const acc_t gain = omega * y * std::exp(y) - std::exp(omega * y) + 1.0;
+  return gain >= 0 ? omega * y : y;
+}
+
+// Rows [begin, end): u_i <- a_i / (M_i . v) (over-relaxed by omega); wp += sum_i u_i M_i. Returns sum_i |u_old/u_new - 1|.
 template <typename T, typename Rows>
 acc_t scaling_rows(const Rows& src, const T* __restrict__ A, T* __restrict__ U, const T* __restrict__ V,
-                   acc_t* __restrict__ wp, int64_t begin, int64_t end, int64_t K) {
+                   acc_t* __restrict__ wp, int64_t begin, int64_t end, int64_t K, acc_t omega) {
   std::vector<T> wb_buf(K, T(0));  // short-run column partial
   std::vector<T> scratch(kRows * K);  // recomputed rows (ScoreRows only)
   T* __restrict__ wb = wb_buf.data();
@@ -369,8 +380,10 @@ acc_t scaling_rows(const Rows& src, const T* __restrict__ A, T* __restrict__ U, 
     row_dots<T>(rows, nr, V, K, t);
     T us[kRows] = {0, 0, 0, 0};
     for (int64_t r = 0; r < nr; ++r) {
-      const acc_t ui = static_cast<acc_t>(A[i + r]) / t[r];
-      change += std::abs(static_cast<acc_t>(U[i + r]) / ui - 1.0);
+      const acc_t u_old = static_cast<acc_t>(U[i + r]);
+      acc_t ui = static_cast<acc_t>(A[i + r]) / t[r];
+      if (omega != 1.0) ui = u_old * std::exp(relaxed_step(std::log(ui / u_old), omega));
+      change += std::abs(u_old / ui - 1.0);
       U[i + r] = us[r] = static_cast<T>(ui);
     }
     const T u0 = us[0], u1 = us[1], u2 = us[2], u3 = us[3];
@@ -402,7 +415,7 @@ acc_t scaling_rows(const Rows& src, const T* __restrict__ A, T* __restrict__ U, 
 
 template <typename scalar_t, typename RowsOf>
 void scaling_pass_impl(const at::Tensor& M, RowsOf rows_of, const at::Tensor& a, at::Tensor& u,
-                       const at::Tensor& v, at::Tensor& w, at::Tensor& change, int64_t threads) {
+                       const at::Tensor& v, at::Tensor& w, at::Tensor& change, int64_t threads, double omega) {
   const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
   const scalar_t* A = a.data_ptr<scalar_t>();
   for (int64_t h = 0; h < H; ++h) {
@@ -413,7 +426,7 @@ void scaling_pass_impl(const at::Tensor& M, RowsOf rows_of, const at::Tensor& a,
     ColumnPartials wpart(chunks, K, 0.0);
     ChunkSum chg(chunks);
     chunks.run([&](int64_t c, int64_t begin, int64_t end) {
-      chg.set(c, scaling_rows<scalar_t>(rows, A, U, V, wpart.slot(c), begin, end, K));
+      chg.set(c, scaling_rows<scalar_t>(rows, A, U, V, wpart.slot(c), begin, end, K, omega));
     });
     const std::vector<acc_t> ws = wpart.reduce(0.0, sum_op);
     std::copy(ws.begin(), ws.end(), w.data_ptr<scalar_t>() + h * K);
@@ -429,7 +442,7 @@ void scaling_pass_impl(const at::Tensor& M, RowsOf rows_of, const at::Tensor& a,
 // Returns sum_i |exp(f_old - f_new) - 1|.
 template <typename T, typename Rows>
 acc_t log_rows(const Rows& src, const T* __restrict__ LA, T* __restrict__ F, const T* __restrict__ G,
-               acc_t* __restrict__ wp, acc_t* __restrict__ mp, int64_t begin, int64_t end, int64_t K) {
+               acc_t* __restrict__ wp, acc_t* __restrict__ mp, int64_t begin, int64_t end, int64_t K, acc_t omega) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   std::vector<T> e_buf(K), wb_buf(K, T(0)), mb_buf(K, kNegInf), scratch(K);
   T* __restrict__ e = e_buf.data();
@@ -453,8 +466,12 @@ acc_t log_rows(const Rows& src, const T* __restrict__ LA, T* __restrict__ F, con
       }
       s += st;
     }
-    const acc_t log_alpha = static_cast<acc_t>(LA[i]) - std::log(s);
-    const acc_t fi = log_alpha - static_cast<acc_t>(r);
+    acc_t log_alpha = static_cast<acc_t>(LA[i]) - std::log(s);
+    acc_t fi = log_alpha - static_cast<acc_t>(r);
+    if (omega != 1.0) {  // the over-relaxed potential; alpha_i = exp(f_i + r_i) weighs the column sums
+      fi = static_cast<acc_t>(F[i]) + relaxed_step(fi - static_cast<acc_t>(F[i]), omega);
+      log_alpha = fi + static_cast<acc_t>(r);
+    }
     change += std::abs(std::exp(static_cast<acc_t>(F[i]) - fi) - 1.0);
     F[i] = static_cast<T>(fi);
     const T alpha = static_cast<T>(std::exp(log_alpha));
@@ -479,7 +496,7 @@ acc_t log_rows(const Rows& src, const T* __restrict__ LA, T* __restrict__ F, con
 
 template <typename scalar_t, typename RowsOf>
 void log_pass_impl(const at::Tensor& L, RowsOf rows_of, const at::Tensor& log_a, at::Tensor& f,
-                   const at::Tensor& g, at::Tensor& logw, at::Tensor& change, int64_t threads) {
+                   const at::Tensor& g, at::Tensor& logw, at::Tensor& change, int64_t threads, double omega) {
   const int64_t H = L.size(0), N = L.size(1), K = L.size(2);
   const scalar_t* LA = log_a.data_ptr<scalar_t>();
   // Below this the column sum may be dominated by flushed-to-zero terms: use the max.
@@ -493,7 +510,7 @@ void log_pass_impl(const at::Tensor& L, RowsOf rows_of, const at::Tensor& log_a,
     ColumnPartials mpart(chunks, K, -kInf);
     ChunkSum chg(chunks);
     chunks.run([&](int64_t c, int64_t begin, int64_t end) {
-      chg.set(c, log_rows<scalar_t>(rows, LA, F, G, wpart.slot(c), mpart.slot(c), begin, end, K));
+      chg.set(c, log_rows<scalar_t>(rows, LA, F, G, wpart.slot(c), mpart.slot(c), begin, end, K, omega));
     });
     const std::vector<acc_t> ws = wpart.reduce(0.0, sum_op);
     const std::vector<acc_t> ms = mpart.reduce(-kInf, max_op);
@@ -579,6 +596,10 @@ void check_threads(int64_t threads) {
   TORCH_CHECK(threads >= 0, "threads must be >= 0 (0 uses all of torch's intra-op threads), got ", threads);
 }
 
+void check_omega(double omega) {
+  TORCH_CHECK(omega >= 1.0 && omega < 2.0, "omega (the over-relaxation factor) must be in [1, 2), got ", omega);
+}
+
 
 // x = log(S) for probabilities, S otherwise; m_i = max_j x_ij;
 // out_ij = lamb * (x_ij - m_i) (log kernel) or exp of it (exponentiate: scaling kernel).
@@ -627,7 +648,7 @@ void check_shift(const c10::optional<at::Tensor>& shift, const at::Tensor& m, do
 // Updates u in place; returns {w (H,K), sum_i |u_old/u_new - 1| (H,) double}.
 std::vector<at::Tensor> scaling_pass(const at::Tensor& M, const at::Tensor& a, at::Tensor& u,
                                      const at::Tensor& v, const c10::optional<at::Tensor>& shift, double lamb,
-                                     bool probs, int64_t threads) {
+                                     bool probs, int64_t threads, double omega) {
   check_matrix(M, "M");
   TORCH_CHECK(M.is_contiguous(), "M must be contiguous");
   const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
@@ -636,11 +657,12 @@ std::vector<at::Tensor> scaling_pass(const at::Tensor& M, const at::Tensor& a, a
   check_vector(v, M, K, "v");
   check_shift(shift, M, lamb);
   check_threads(threads);
+  check_omega(omega);
   at::Tensor w = at::empty({H, K}, M.options());
   at::Tensor change = at::empty({H}, M.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_scaling_pass", [&] {
     with_rows<scalar_t>(M, shift, lamb, probs, /*expo=*/true,
-                        [&](auto rows_of) { scaling_pass_impl<scalar_t>(M, rows_of, a, u, v, w, change, threads); });
+                        [&](auto rows_of) { scaling_pass_impl<scalar_t>(M, rows_of, a, u, v, w, change, threads, omega); });
   });
   return {w, change};
 }
@@ -655,7 +677,7 @@ std::vector<at::Tensor> scaling_pass(const at::Tensor& M, const at::Tensor& a, a
 // Updates f in place; returns {log W (H,K), sum_i |exp(f_old - f_new) - 1| (H,) double}.
 std::vector<at::Tensor> log_pass(const at::Tensor& L, const at::Tensor& log_a, at::Tensor& f,
                                  const at::Tensor& g, const c10::optional<at::Tensor>& shift, double lamb,
-                                 bool probs, int64_t threads) {
+                                 bool probs, int64_t threads, double omega) {
   check_matrix(L, "L");
   TORCH_CHECK(L.is_contiguous(), "L must be contiguous");
   const int64_t H = L.size(0), N = L.size(1), K = L.size(2);
@@ -664,11 +686,12 @@ std::vector<at::Tensor> log_pass(const at::Tensor& L, const at::Tensor& log_a, a
   check_vector(g, L, K, "g");
   check_shift(shift, L, lamb);
   check_threads(threads);
+  check_omega(omega);
   at::Tensor logw = at::empty({H, K}, L.options());
   at::Tensor change = at::empty({H}, L.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "selflabel_log_pass", [&] {
     with_rows<scalar_t>(L, shift, lamb, probs, /*expo=*/false,
-                        [&](auto rows_of) { log_pass_impl<scalar_t>(L, rows_of, log_a, f, g, logw, change, threads); });
+                        [&](auto rows_of) { log_pass_impl<scalar_t>(L, rows_of, log_a, f, g, logw, change, threads, omega); });
   });
   return {logw, change};
 }
@@ -805,10 +828,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col_pot") = py::none());
   m.def("scaling_pass", &selflabel::scaling_pass, nogil, "one fused scaling-form iteration", py::arg("M"),
         py::arg("a"), py::arg("u"), py::arg("v"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
-        py::arg("probs") = false, py::arg("threads") = 0);
+        py::arg("probs") = false, py::arg("threads") = 0, py::arg("omega") = 1.0);
   m.def("log_pass", &selflabel::log_pass, nogil, "one fused log-domain iteration", py::arg("L"), py::arg("log_a"),
         py::arg("f"), py::arg("g"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
-        py::arg("probs") = false, py::arg("threads") = 0);
+        py::arg("probs") = false, py::arg("threads") = 0, py::arg("omega") = 1.0);
   m.def("labels", &selflabel::labels, nogil, "hard labels from the kernel matrix and column duals", py::arg("mat"),
         py::arg("log_v"), py::arg("linear"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
         py::arg("probs") = false, py::arg("threads") = 0, py::arg("row_offset") = 0);

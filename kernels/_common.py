@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -37,6 +38,15 @@ def union(*spaces: list[triton.Config]) -> list[triton.Config]:
     for space in spaces:
         out += [c for c in space if c not in out]
     return out
+
+
+@triton.jit
+def relaxed_step(y, omega):
+    """Over-relaxation of a dual update whose plain log step is ``y``: ``omega * y`` where that
+    longer step still raises the dual objective, else ``y`` (the rule of ``selflabel.accel.relaxed_step``,
+    there in float64, here in y's dtype; a gain that overflows to NaN counts as a loss)."""
+    gain = omega * y * tl.exp(y) - tl.exp(omega * y) + 1.0
+    return tl.where((y <= 0) | (gain >= 0), omega * y, y)
 
 
 def prune_by_vec(configs_for, matrix: str):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, max_programs
+from ._common import check_tensors, configs, max_programs, relaxed_step
 
 
 @triton.jit
@@ -79,6 +79,7 @@ def _prune(cfgs, nargs, **kwargs):
 )
 @triton.jit
 def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, D, lamb,
+                              OMEGA,
                               HAS_BIAS: tl.constexpr, EXACT: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -105,6 +106,9 @@ def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, 
         log_alpha = tl.load(LOG_A + rows, mask=rmask, other=0.0) - tl.log(s)
         f_new = log_alpha - r
         f_old = tl.load(F + rows, mask=rmask, other=0.0)
+        if OMEGA != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
+            f_new = f_old + relaxed_step(f_new - f_old, OMEGA)
+            log_alpha = f_new + r
         change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
         tl.store(F + rows, f_new, mask=rmask)
         alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
@@ -124,8 +128,10 @@ def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, 
 
 
 def implicit_log_pass(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lamb: float, rowmax: torch.Tensor,
-                      log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One head: f <- log a - LSE_j(L + g) in place (L from x, w, bias); returns (log column mass (K,), change)."""
+                      log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
+                      omega: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head: f <- log a - LSE_j(L + g) in place (L from x, w, bias), over-relaxed per row by ``omega``;
+    returns (log column mass (K,), change)."""
     N, D = x.shape
     K = w.shape[0]
     check_tensors("implicit_log_pass", (torch.float16, torch.bfloat16, torch.float32, torch.float64),
@@ -141,19 +147,20 @@ def implicit_log_pass(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     change_part = torch.zeros(P, dtype=torch.float64, device=f.device)
     exact = x.dtype == torch.float64
     _implicit_log_pass_kernel[(P,)](x, w, bias if bias is not None else w, rowmax, log_a, f, g, w_part, mx_part,
-                                    change_part, P, N, K, D, float(lamb), HAS_BIAS=bias is not None, EXACT=exact)
+                                    change_part, P, N, K, D, float(lamb), float(omega), HAS_BIAS=bias is not None,
+                                    EXACT=exact)
     total = w_part.sum(0)
     tiny = torch.finfo(f.dtype).tiny * 1e8
     return torch.where(total > tiny, torch.log(total), mx_part.amax(0)), change_part.sum()
 
 
-def torch_reference(x, w, bias, lamb, rowmax, log_a, f, g):
+def torch_reference(x, w, bias, lamb, rowmax, log_a, f, g, omega=1.0):
     """The same pass on the materialised matrix, through the plain torch backend."""
     from selflabel.backends.torch_ref import TorchBackend
 
     s = x.to(f.dtype) @ w.to(f.dtype).T + (0 if bias is None else bias.to(f.dtype))
     L = (lamb * (s - rowmax[:, None]))[None]
     f2 = f[None].clone()
-    logw, change = TorchBackend().log_pass(L, log_a, f2, g[None])
+    logw, change = TorchBackend().log_pass(L, log_a, f2, g[None], omega)
     f.copy_(f2[0])
     return logw[0], change[0]

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, max_programs, prune_by_vec, tiles, union, vector_width
+from ._common import check_tensors, configs, max_programs, prune_by_vec, relaxed_step, tiles, union, vector_width
 from .scaling import RESIDENT_CONFIGS, prune_resident, resident, resident_block_n  # one resident space for both
 
 # Streaming kernel: of (16, 32) x (128, 256, 512) x (4, 8 warps), these compile without spills in float32
@@ -54,7 +54,7 @@ def stream_configs(element_size: int, vec: int) -> list[triton.Config]:
 @triton.heuristics({"BLOCK_N": lambda a: resident_block_n(a["THREAD_BYTES"], a["num_warps"], a["K_PAD"],
                                                           a["L"].element_size(), a["VEC"])})
 @triton.jit
-def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, VEC: tl.constexpr,
+def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, OMEGA, VEC: tl.constexpr,
                          K_PAD: tl.constexpr, THREAD_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -79,6 +79,9 @@ def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N,
         log_alpha = tl.load(LOG_A + rows, mask=rmask, other=0.0) - tl.log(tl.sum(e, axis=1))
         f_new = log_alpha - r
         f_old = tl.load(F + frow + rows, mask=rmask, other=0.0)
+        if OMEGA != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
+            f_new = f_old + relaxed_step(f_new - f_old, OMEGA)
+            log_alpha = f_new + r
         change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
         tl.store(F + frow + rows, f_new, mask=rmask)
         alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
@@ -99,7 +102,7 @@ def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N,
     restore_value=["F", "MX_PART"],
 )
 @triton.jit
-def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, VEC: tl.constexpr,
+def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, OMEGA, VEC: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -130,6 +133,9 @@ def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K
         log_alpha = log_a - tl.log(s)
         f_new = log_alpha - r
         f_old = tl.load(F + frow + rows, mask=rmask, other=0.0)
+        if OMEGA != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
+            f_new = f_old + relaxed_step(f_new - f_old, OMEGA)
+            log_alpha = f_new + r
         change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
         tl.store(F + frow + rows, f_new, mask=rmask)
         alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
@@ -149,8 +155,9 @@ def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K
     tl.store(CHANGE_PART + h * NPROG + pid, tl.sum(change, axis=0))
 
 
-def log_pass(L: torch.Tensor, log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor):
-    """f <- log a - LSE_j(L + g) in place; returns (log column mass (H, K), row change (H,) float64)."""
+def log_pass(L: torch.Tensor, log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor, omega: float = 1.0):
+    """f <- log a - LSE_j(L + g) in place, over-relaxed per row by ``omega`` (``selflabel.accel``);
+    returns (log column mass (H, K), row change (H,) float64)."""
     H, N, K = L.shape
     check_tensors("log_pass", (torch.float32, torch.float64), L=(L, (H, N, K)), log_a=(log_a, (N,)),
                   f=(f, (H, N)), g=(g, (H, K)))
@@ -160,19 +167,19 @@ def log_pass(L: torch.Tensor, log_a: torch.Tensor, f: torch.Tensor, g: torch.Ten
     if resident(K, L.element_size()):  # every program writes its rows of the partials
         w_part = torch.empty(H, P, K, dtype=L.dtype, device=L.device)
         mx_part = torch.empty(H, P, K, dtype=L.dtype, device=L.device)
-        _log_resident_kernel[(P, H)](L, log_a, f, g, w_part, mx_part, change_part, P, N, K, VEC=vec,
+        _log_resident_kernel[(P, H)](L, log_a, f, g, w_part, mx_part, change_part, P, N, K, float(omega), VEC=vec,
                                      K_PAD=triton.next_power_of_2(K))
     else:
         w_part = torch.zeros(H, P, K, dtype=L.dtype, device=L.device)
         mx_part = torch.full((H, P, K), float("-inf"), dtype=L.dtype, device=L.device)
-        _log_stream_kernel[(P, H)](L, log_a, f, g, w_part, mx_part, change_part, P, N, K, VEC=vec)
+        _log_stream_kernel[(P, H)](L, log_a, f, g, w_part, mx_part, change_part, P, N, K, float(omega), VEC=vec)
     w = w_part.sum(1)
     tiny = torch.finfo(L.dtype).tiny * 1e8
     logw = torch.where(w > tiny, torch.log(w), mx_part.amax(1))
     return logw, change_part.sum(1)
 
 
-def torch_reference(L, log_a, f, g):
+def torch_reference(L, log_a, f, g, omega=1.0):
     from selflabel.backends.torch_ref import TorchBackend
 
-    return TorchBackend().log_pass(L, log_a, f, g)
+    return TorchBackend().log_pass(L, log_a, f, g, omega)

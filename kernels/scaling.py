@@ -32,6 +32,7 @@ from ._common import (
     gpu_configs,
     max_programs,
     prune_by_vec,
+    relaxed_step,
     tiles,
     union,
     vector_width,
@@ -107,7 +108,7 @@ def prune_resident(matrix: str):
 @triton.heuristics({"BLOCK_N": lambda a: resident_block_n(a["THREAD_BYTES"], a["num_warps"], a["K_PAD"],
                                                           a["M"].element_size(), a["VEC"])})
 @triton.jit
-def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, VEC: tl.constexpr,
+def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA, VEC: tl.constexpr,
                              K_PAD: tl.constexpr, THREAD_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -129,6 +130,8 @@ def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, VEC: 
         a = tl.load(A + rows, mask=rmask, other=1.0)
         u_old = tl.load(U + urow + rows, mask=rmask, other=1.0)
         u = a / tl.where(rmask, t, 1.0)
+        if OMEGA != 1.0:  # over-relaxed
+            u = u_old * tl.exp(relaxed_step(tl.log(u / u_old), OMEGA))
         change += tl.where(rmask, tl.abs(u_old.to(tl.float64) / u.to(tl.float64) - 1.0), 0.0)
         tl.store(U + urow + rows, u, mask=rmask)
         acc += tl.sum(m * tl.where(rmask, u, 0.0)[:, None], axis=0)
@@ -144,7 +147,7 @@ def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, VEC: 
     restore_value=["U"],
 )
 @triton.jit
-def _scaling_stream_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, VEC: tl.constexpr,
+def _scaling_stream_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA, VEC: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -170,6 +173,8 @@ def _scaling_stream_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, VEC: tl
         a = tl.load(A + rows, mask=rmask, other=1.0)
         u_old = tl.load(U + urow + rows, mask=rmask, other=1.0)
         u = a / tl.where(rmask, t, 1.0)
+        if OMEGA != 1.0:  # over-relaxed
+            u = u_old * tl.exp(relaxed_step(tl.log(u / u_old), OMEGA))
         change += tl.where(rmask, tl.abs(u_old.to(tl.float64) / u.to(tl.float64) - 1.0), 0.0)
         tl.store(U + urow + rows, u, mask=rmask)
         u = tl.where(rmask, u, 0.0)
@@ -182,8 +187,9 @@ def _scaling_stream_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, VEC: tl
     tl.store(CHANGE_PART + h * NPROG + pid, tl.sum(change, axis=0))
 
 
-def scaling_pass(M: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
-    """u <- a / (M v) in place; returns (w = M^T u (H, K), sum |u_old/u_new - 1| (H,) float64)."""
+def scaling_pass(M: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor, omega: float = 1.0):
+    """u <- a / (M v) in place, over-relaxed per row by ``omega`` (``selflabel.accel``); returns
+    (w = M^T u (H, K), sum |u_old/u_new - 1| (H,) float64)."""
     H, N, K = M.shape
     check_tensors("scaling_pass", (torch.float32, torch.float64), M=(M, (H, N, K)), a=(a, (N,)), u=(u, (H, N)),
                   v=(v, (H, K)))
@@ -192,15 +198,15 @@ def scaling_pass(M: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Ten
     change_part = torch.zeros(H, P, dtype=torch.float64, device=M.device)
     if resident(K, M.element_size()):
         w_part = torch.empty(H, P, K, dtype=M.dtype, device=M.device)  # every program writes its row
-        _scaling_resident_kernel[(P, H)](M, a, u, v, w_part, change_part, P, N, K, VEC=vec,
+        _scaling_resident_kernel[(P, H)](M, a, u, v, w_part, change_part, P, N, K, float(omega), VEC=vec,
                                          K_PAD=triton.next_power_of_2(K))
     else:
         w_part = torch.zeros(H, P, K, dtype=M.dtype, device=M.device)
-        _scaling_stream_kernel[(P, H)](M, a, u, v, w_part, change_part, P, N, K, VEC=vec)
+        _scaling_stream_kernel[(P, H)](M, a, u, v, w_part, change_part, P, N, K, float(omega), VEC=vec)
     return w_part.sum(1), change_part.sum(1)
 
 
-def torch_reference(M, a, u, v):
+def torch_reference(M, a, u, v, omega=1.0):
     from selflabel.backends.torch_ref import TorchBackend
 
-    return TorchBackend().scaling_pass(M, a, u, v)
+    return TorchBackend().scaling_pass(M, a, u, v, omega)

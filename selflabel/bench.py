@@ -172,7 +172,10 @@ def _ours(backend: str, algorithm: str, dtype: torch.dtype):
     def make(probs: torch.Tensor, lamb: float) -> Prepared:
         # chunked: a budget of a quarter of the matrix, so it really streams
         budget = max(probs.numel() * probs.element_size() // 4, 80 * 2**20) if backend == "chunked" else None
-        args = dict(kind="probs", lamb=lamb, backend=backend, algorithm=algorithm, dtype=dtype, memory_budget=budget)
+        # plain iterations, as every peer here runs: this bench compares the cost of an iteration
+        # (benchmarks/bench_convergence.py measures time to solution with the acceleration)
+        args = dict(kind="probs", lamb=lamb, backend=backend, algorithm=algorithm, dtype=dtype, memory_budget=budget,
+                    acceleration="none")
 
         def run(n: int) -> float:
             return sinkhorn_knopp(probs, tol=0, max_iter=n, check_every=max(n, 1), **args).error

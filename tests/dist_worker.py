@@ -40,7 +40,7 @@ MISMATCHES = {
     "dtype": (torch.float64, torch.float32), "max_iter": (100, 101), "check_every": (10, 5),
     "algorithm": ("scaling", "log"), "tol": (1e-6, 1e-7), "lamb": (20.0, 21.0), "kind": ("logits", "log_probs"),
     "criterion": ("marginal", "sela"), "col_marginal": (None, np.full(K, 1.0 / K)),
-    "init": (None, np.zeros(K)), "gather_labels": (False, True),
+    "init": (None, np.zeros(K)), "gather_labels": (False, True), "acceleration": ("auto", "none"),
 }
 
 
@@ -72,6 +72,8 @@ def run(rank: int, world: int, port: int, shards: list[int], queue) -> None:
         for algorithm in ("scaling", "log"):
             out[algorithm] = _solve(full[lo:hi], algorithm=algorithm, tol=1e-10, max_iter=50_000,
                                     gather_labels=True)
+            out[f"{algorithm}_plain"] = _solve(full[lo:hi], algorithm=algorithm, tol=1e-10, max_iter=50_000,
+                                               acceleration="none")
         heads = make_scores(N, K, temperature=3.0, heads=2, dtype=torch.float64, seed=2)
         out["heads"] = _solve(heads[:, lo:hi], tol=1e-10, max_iter=50_000)
         weights = np.linspace(1.0, 2.0, N)[lo:hi]  # unnormalised on purpose: the global total is 451.5

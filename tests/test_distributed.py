@@ -62,6 +62,11 @@ def test_distributed_equals_single_process(shards):
             assert got["converged"] and got["n_iter"] == single.n_iter
             assert np.array_equal(got["labels"], single.labels.numpy())  # gathered: all rows on every rank
             _check_duals(got, single, slice(off[rank], off[rank + 1]))
+            # plain Sinkhorn-Knopp over the ranks: the same fixed point, in more iterations
+            plain = out[f"{algorithm}_plain"]
+            assert plain["converged"] and plain["n_iter"] > got["n_iter"]
+            assert np.array_equal(plain["labels"], single.labels.numpy()[off[rank]:off[rank + 1]])
+            _check_duals(plain, single, slice(off[rank], off[rank + 1]))
     single_heads = sl.sinkhorn_knopp(heads, lamb=LAMB, tol=1e-10, max_iter=50_000)
     weights = np.linspace(1.0, 2.0, N)
     single_w = sl.sinkhorn_knopp(full, lamb=LAMB, row_marginal=weights / weights.sum(), tol=1e-10, max_iter=50_000)

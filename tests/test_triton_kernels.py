@@ -44,30 +44,32 @@ def test_prepare_kernel(shape, dtype, probs, exponentiate):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scaling_kernel(shape, dtype):
+@pytest.mark.parametrize("omega", [1.0, 1.7])
+def test_scaling_kernel(shape, dtype, omega):
     H, N, K = shape
     M = torch.rand(shape, dtype=dtype, device=DEV) + 0.01
     a = torch.rand(N, dtype=dtype, device=DEV) + 0.1
     v = torch.rand(H, K, dtype=dtype, device=DEV) + 0.1
     u0 = torch.rand(H, N, dtype=dtype, device=DEV) + 0.1
     u_k, u_r = u0.clone(), u0.clone()
-    w_k, ch_k = scaling.scaling_pass(M, a, u_k, v)
-    w_r, ch_r = scaling.torch_reference(M, a, u_r, v)
+    w_k, ch_k = scaling.scaling_pass(M, a, u_k, v, omega)
+    w_r, ch_r = scaling.torch_reference(M, a, u_r, v, omega)
     assert torch.allclose(u_k, u_r, **_tol(dtype)) and torch.allclose(w_k, w_r, **_tol(dtype))
     assert torch.allclose(ch_k, ch_r, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_log_kernel(shape, dtype):
+@pytest.mark.parametrize("omega", [1.0, 1.7])
+def test_log_kernel(shape, dtype, omega):
     H, N, K = shape
     L = -torch.rand(shape, dtype=dtype, device=DEV) * 20
     log_a = torch.log(torch.rand(N, dtype=dtype, device=DEV) + 0.1)
     g = torch.randn(H, K, dtype=dtype, device=DEV)
     f0 = torch.randn(H, N, dtype=dtype, device=DEV)
     f_k, f_r = f0.clone(), f0.clone()
-    lw_k, ch_k = logdomain.log_pass(L, log_a, f_k, g)
-    lw_r, ch_r = logdomain.torch_reference(L, log_a, f_r, g)
+    lw_k, ch_k = logdomain.log_pass(L, log_a, f_k, g, omega)
+    lw_r, ch_r = logdomain.torch_reference(L, log_a, f_r, g, omega)
     atol = 2e-5 if dtype == torch.float32 else 1e-11
     assert torch.allclose(f_k, f_r, atol=atol, rtol=0) and torch.allclose(lw_k, lw_r, atol=4 * atol, rtol=0)
     assert torch.allclose(ch_k, ch_r, rtol=1e-3)
@@ -145,7 +147,8 @@ if ON_GPU:
 @pytest.mark.parametrize("shape", IMPLICIT_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_implicit_log_kernel(shape, dtype, with_bias):
+@pytest.mark.parametrize("omega", [1.0, 1.7])
+def test_implicit_log_kernel(shape, dtype, with_bias, omega):
     N, K, D = shape
     gen = torch.Generator(device=DEV).manual_seed(N + K + D)
     x = torch.randn(N, D, dtype=dtype, device=DEV, generator=gen) / D**0.5
@@ -157,8 +160,8 @@ def test_implicit_log_kernel(shape, dtype, with_bias):
     g = torch.randn(K, dtype=dtype, device=DEV, generator=gen)
     f0 = torch.randn(N, dtype=dtype, device=DEV, generator=gen)
     f_k, f_r = f0.clone(), f0.clone()
-    lw_k, ch_k = implicit.implicit_log_pass(x, w, bias, 5.0, rowmax, log_a, f_k, g)
-    lw_r, ch_r = implicit.torch_reference(x, w, bias, 5.0, rowmax, log_a, f_r, g)
+    lw_k, ch_k = implicit.implicit_log_pass(x, w, bias, 5.0, rowmax, log_a, f_k, g, omega)
+    lw_r, ch_r = implicit.torch_reference(x, w, bias, 5.0, rowmax, log_a, f_r, g, omega)
     # float32 on a GPU multiplies in TF32 (10-bit mantissa): scores differ by ~1e-3 relative
     atol = (2e-3 if ON_GPU else 1e-4) if dtype == torch.float32 else 1e-10
     assert torch.allclose(f_k, f_r, atol=atol, rtol=0) and torch.allclose(lw_k, lw_r, atol=4 * atol, rtol=0)

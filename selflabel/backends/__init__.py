@@ -47,14 +47,17 @@ class Backend(Protocol):
         scaling form keeps its scalings near 1 with them."""
 
     def scaling_pass(
-        self, M: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+        self, M: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor, omega: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """u <- a / (M v) in place; return (w = M^T u (H, K), sum_i |u_old/u_new - 1| (H,))."""
+        """u <- a / (M v) in place; return (w = M^T u (H, K), sum_i |u_old/u_new - 1| (H,)).
+        With ``omega`` > 1 the update is over-relaxed per row (``selflabel.accel.relaxed_step``
+        on log u): u <- u * exp(relaxed_step(log(a / (u * M v)), omega))."""
 
     def log_pass(
-        self, L: torch.Tensor, log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor
+        self, L: torch.Tensor, log_a: torch.Tensor, f: torch.Tensor, g: torch.Tensor, omega: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """f <- log a - LSE_j(L + g) in place; return (log column mass (H, K), row change (H,))."""
+        """f <- log a - LSE_j(L + g) in place (over-relaxed as in ``scaling_pass`` with ``omega`` > 1);
+        return (log column mass of the new (f, g) (H, K), row change (H,))."""
 
     # Optional: ``log_view(prep, scores, lamb, probs)`` gives the log kernel of a prepared scaling
     # kernel without a new N x K matrix (backends whose passes recompute kernel rows from the

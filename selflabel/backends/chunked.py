@@ -265,23 +265,23 @@ class ChunkedBackend:
         return replace(prep.mat, exponentiate=False)
 
     # Column sums are combined across blocks in float64, as the kernel does within a block.
-    def scaling_pass(self, mat: Streamed, a, u, v):
+    def scaling_pass(self, mat: Streamed, a, u, v, omega=1.0):
         w = torch.zeros(v.shape, dtype=torch.float64, device=self.device)
         change = torch.zeros(u.shape[0], dtype=torch.float64, device=self.device)
         for lo, hi, kb in mat.kernel_blocks(self.inner):
             ub = u[:, lo:hi].contiguous()
-            wb, cb = self.inner.scaling_pass(kb, a[lo:hi].contiguous(), ub, v)
+            wb, cb = self.inner.scaling_pass(kb, a[lo:hi].contiguous(), ub, v, omega)
             u[:, lo:hi] = ub
             w += wb
             change += cb
         return w.to(v.dtype), change
 
-    def log_pass(self, mat: Streamed, log_a, f, g):
+    def log_pass(self, mat: Streamed, log_a, f, g, omega=1.0):
         logw = torch.full(g.shape, float("-inf"), dtype=torch.float64, device=self.device)
         change = torch.zeros(f.shape[0], dtype=torch.float64, device=self.device)
         for lo, hi, kb in mat.kernel_blocks(self.inner):
             fb = f[:, lo:hi].contiguous()
-            lw, cb = self.inner.log_pass(kb, log_a[lo:hi].contiguous(), fb, g)
+            lw, cb = self.inner.log_pass(kb, log_a[lo:hi].contiguous(), fb, g, omega)
             f[:, lo:hi] = fb
             logw = torch.logaddexp(logw, lw.double())
             change += cb

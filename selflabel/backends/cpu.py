@@ -114,15 +114,15 @@ class CpuBackend:
         """The log kernel of ``prep``, recomputed row by row from the scores inside the passes."""
         return ScoreBlock(scores, prep.rowmax, float(lamb), probs)
 
-    def scaling_pass(self, M, a, u, v):
+    def scaling_pass(self, M, a, u, v, omega=1.0):
         M, mode = _operands(M)
-        w, change = self._timed(self._C.scaling_pass, ("scaling", M.shape, M.dtype, bool(mode)), M, a, u, v, **mode)
-        return w, change
+        return self._timed(self._C.scaling_pass, ("scaling", M.shape, M.dtype, bool(mode)), M, a, u, v,
+                           omega=float(omega), **mode)
 
-    def log_pass(self, L, log_a, f, g):
+    def log_pass(self, L, log_a, f, g, omega=1.0):
         L, mode = _operands(L)
-        logw, change = self._timed(self._C.log_pass, ("log", L.shape, L.dtype, bool(mode)), L, log_a, f, g, **mode)
-        return logw, change
+        return self._timed(self._C.log_pass, ("log", L.shape, L.dtype, bool(mode)), L, log_a, f, g,
+                           omega=float(omega), **mode)
 
     def column_sums(self, M: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """w = M^T u per head: (H, K)."""

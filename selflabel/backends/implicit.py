@@ -85,13 +85,13 @@ class ImplicitTritonBackend:
         zeros = torch.zeros(h, n, dtype=torch.float64, device=scores.device)
         return Prepared(_Implicit(scores, lamb, rowmax), rowmax, colmax, zeros, zeros)
 
-    def scaling_pass(self, M, a, u, v):
+    def scaling_pass(self, M, a, u, v, omega=1.0):
         raise NotImplementedError("the implicit backend runs the log domain only")
 
-    def log_pass(self, mat: _Implicit, log_a, f, g):
+    def log_pass(self, mat: _Implicit, log_a, f, g, omega=1.0):
         src = mat.scores
         out = [self._kernel.implicit_log_pass(src.x, src.w[h], None if src.bias is None else src.bias[h], mat.lamb,
-                                              mat.rowmax[h], log_a, f[h], g[h].contiguous())
+                                              mat.rowmax[h], log_a, f[h], g[h].contiguous(), omega)
                for h in range(src.shape[0])]
         return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..accel import relaxed_step
 from . import Prepared
 
 SUM_SCALE = 2.0**-64
@@ -33,16 +34,21 @@ class TorchBackend:
             mat = torch.exp(mat)
         return Prepared(mat, rowmax, colmax, rowsum, rowmin, row_pot)
 
-    def scaling_pass(self, M, a, u, v):
+    def scaling_pass(self, M, a, u, v, omega=1.0):
         t = torch.bmm(M, v[..., None])[..., 0].double()
         u_new = a.double() / t
+        if omega != 1.0:
+            u_old = u.double()
+            u_new = u_old * torch.exp(relaxed_step(torch.log(u_new / u_old), omega))
         change = (u.double() / u_new - 1).abs().sum(-1)
         u.copy_(u_new)
         w = torch.bmm(u[:, None, :], M)[:, 0, :]
         return w, change
 
-    def log_pass(self, L, log_a, f, g):
+    def log_pass(self, L, log_a, f, g, omega=1.0):
         f_new = log_a - torch.logsumexp(L + g[:, None, :], dim=-1)
+        if omega != 1.0:
+            f_new = f + relaxed_step(f_new - f, omega)
         change = torch.expm1(f.double() - f_new.double()).abs().sum(-1)
         f.copy_(f_new)
         logw = torch.logsumexp(L + f[..., None], dim=1) + g

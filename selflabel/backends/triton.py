@@ -30,11 +30,11 @@ class TritonBackend:
         mat, row_pot = absorb(mat, col_pot)
         return Prepared(mat.exp_() if exponentiate else mat, rowmax, colmax, rowsum, rowmin, row_pot)
 
-    def scaling_pass(self, M, a, u, v):
-        return self._scaling.scaling_pass(M, a, u, v)
+    def scaling_pass(self, M, a, u, v, omega=1.0):
+        return self._scaling.scaling_pass(M, a, u, v, omega)
 
-    def log_pass(self, L, log_a, f, g):
-        return self._log.log_pass(L, log_a, f, g)
+    def log_pass(self, L, log_a, f, g, omega=1.0):
+        return self._log.log_pass(L, log_a, f, g, omega)
 
     def column_sums(self, M, u):
         return torch.bmm(u[:, None, :], M)[:, 0, :]
