@@ -30,7 +30,7 @@ import torch
 ACCELERATIONS = ("auto", "none", "overrelax")
 OMEGA_MAX = 1.99  # omega -> 2 is the stability limit; the safeguard keeps any omega < 2 convergent
 PLATEAU = 0.999  # a window whose error fell by less than this factor teaches nothing
-LAM_MAX = 1.0 - 1e-6  # the largest contraction rate an estimate may reach (omega 1.996 before the cap)
+LAM_MAX = 1.0 - 1e-6  # the largest contraction rate an estimate may reach
 
 
 def relaxed_step(y: torch.Tensor, omega: float) -> torch.Tensor:
@@ -48,8 +48,8 @@ def relaxed_step(y: torch.Tensor, omega: float) -> torch.Tensor:
 
 
 def optimal_omega(lam: float) -> float:
-    """The relaxation factor that minimises the asymptotic rate for plain rate ``lam``."""
-    return 2.0 / (1.0 + math.sqrt(1.0 - min(max(lam, 0.0), LAM_MAX)))
+    """The relaxation factor that minimises the asymptotic rate for plain rate ``lam`` (at most OMEGA_MAX)."""
+    return min(OMEGA_MAX, 2.0 / (1.0 + math.sqrt(1.0 - min(max(lam, 0.0), LAM_MAX))))
 
 
 class Relaxation:
@@ -59,21 +59,22 @@ class Relaxation:
     fell by a rate ``r`` per iteration. With plain passes (omega = 1) ``r`` estimates the
     plain rate ``lam`` directly; with relaxed passes ``lam`` follows from Young's relation
     for successive over-relaxation, ``(r + omega - 1)^2 = lam * omega^2 * r``, valid while
-    ``r > omega - 1``. At or past its optimum omega contracts by ``omega - 1`` whatever
-    ``lam``: then omega steps down (1 - lam times 10) until a window measures ``lam`` again,
-    since an omega far above its optimum is slow (rate omega - 1). Windows whose error fell
-    by less than 0.1% (plateaus) are skipped. An estimate is taken only when two successive windows
-    agree on ``1 - lam`` within a quarter: early iterations, and the plateaus of sharp small
-    problems, fall at rates that say nothing of the asymptotic one, and an omega set from
-    a plateau (rate near 1) would be far too large. A check whose error did not fall
-    halves ``omega - 1`` and caps omega there from then on.
+    ``r > omega - 1``. The first plain window sets omega at once (early windows fall faster
+    than the asymptotic rate, so that first omega is on the low side, where over-relaxation
+    is safe); after it an estimate is taken only when two successive windows agree on
+    ``1 - lam`` within a quarter, since the plateaus of sharp small problems fall at rates
+    that say nothing of the asymptotic one. Windows whose error fell by less than 0.1% are
+    skipped. At or past its optimum omega contracts by ``omega - 1`` whatever ``lam``: then
+    omega steps down (1 - lam times 10) until a window measures ``lam`` again, since an omega
+    far above its optimum is slow. Over-relaxation does not make the error monotone (the
+    dual objective is): a check whose error grew halves ``omega - 1`` until two windows
+    agree again.
     """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.omega_now = 1.0
         self.lam = 0.0
-        self.cap = OMEGA_MAX
         self.last: tuple[int, float] | None = None  # (iteration, error) at the previous check
         self.pending: float | None = None  # the previous window's estimate of lam
 
@@ -88,9 +89,8 @@ class Relaxation:
         last, self.last = self.last, (k, error)
         if last is None or k <= last[0] or last[1] <= 0:
             return
-        if error >= last[1]:  # no progress over the window: back off and remember the limit
-            self.cap = max(1.0, 1.0 + 0.5 * (self.omega_now - 1.0))
-            self.omega_now, self.pending = self.cap, None
+        if error >= last[1]:  # the error grew (over-relaxation is not monotone in it): back off for now
+            self.omega_now, self.pending = 1.0 + 0.5 * (self.omega_now - 1.0), None
             return
         if error > PLATEAU * last[1]:  # a plateau says nothing of the asymptotic rate
             self.pending = None
@@ -104,10 +104,12 @@ class Relaxation:
         else:  # omega at or past its optimum: step down (1 - lam times 10) until a window measures lam again
             self.pending = None
             self.lam = max(0.0, 1.0 - 10.0 * (1.0 - self.lam))
-            self.omega_now = min(self.cap, optimal_omega(self.lam))
+            self.omega_now = optimal_omega(self.lam)
             return
         previous, self.pending = self.pending, estimate
-        if previous is None or abs((1.0 - estimate) - (1.0 - previous)) > 0.25 * (1.0 - min(estimate, previous)):
+        first = self.lam == 0.0 and w == 1.0
+        if not first and (previous is None
+                          or abs((1.0 - estimate) - (1.0 - previous)) > 0.25 * (1.0 - min(estimate, previous))):
             return
-        self.lam = min(estimate, previous)
-        self.omega_now = min(self.cap, optimal_omega(self.lam))
+        self.lam = estimate if previous is None else min(estimate, previous)
+        self.omega_now = optimal_omega(self.lam)

@@ -257,12 +257,20 @@ class _Loop:
         self.error = math.inf
         self.converged = False
 
-    def due(self) -> bool:
-        if self.k == self.max_iter:
+    def due(self, k: int | None = None) -> bool:
+        """Whether iteration ``k`` (default: the current one) ends at a check."""
+        k = self.k if k is None else k
+        if k == self.max_iter:
             return True
         if self.criterion == "sela":  # SeLa checks at its counters 0, 10, 20, ... (iterations 1, 11, ...)
-            return self.k > 1 and (self.k - 1) % self.check_every == 0
-        return self.k % self.check_every == 0
+            return k > 1 and (k - 1) % self.check_every == 0
+        return k % self.check_every == 0
+
+    def omega(self) -> float:
+        """The relaxation factor of the current pass: 1 for a pass ending at a check and, with SeLa's
+        rule (the change between two successive iterations), for the pass before it too."""
+        plain = self.due() or (self.criterion == "sela" and self.due(self.k + 1))
+        return self.relax.omega(plain)
 
     def local(self, fn, *args):
         """``fn(*args)`` and None, or (with a process group) None and the exception it raised."""
@@ -325,7 +333,7 @@ def _run_scaling(loop: _Loop, M, a, log_a, b, start, trip: float, n_total: int, 
     good, good_k = _Scaled(None, g_abs + log_v, g_abs + log_v, "overflow", -math.inf), loop.k
     while loop.k < loop.max_iter:
         loop.k += 1
-        omega = loop.relax.omega(loop.due())
+        omega = loop.omega()
         out, err = loop.local(loop.be.scaling_pass, M, a, u, v, omega)
         w, change = out if err is None else (torch.zeros(H, K, dtype=M.dtype, device=M.device), None)
         loop.red.sum_checked_(w, err)
@@ -369,7 +377,7 @@ def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None, *, certify: bool
     g = torch.zeros(H, K, dtype=log_b.dtype, device=log_b.device) if log_v0 is None else log_v0.clone()
     while certify or loop.k < loop.max_iter:
         loop.k += not certify
-        omega = loop.relax.omega(certify or loop.due())
+        omega = 1.0 if certify else loop.omega()
         out, err = loop.local(loop.be.log_pass, L, log_a, f, g, omega)
         if err is not None:
             logw, change = torch.full((H, K), -math.inf, dtype=log_b.dtype, device=log_b.device), None

@@ -244,10 +244,12 @@ def test_bfloat16_storage_from_a_tensor_and_a_chunk_function(scores64):
     their upcast copy in memory."""
     bf = scores64.log().bfloat16()
     budget = budget_for_rows(sl.source.TensorSource(bf), torch.float32, 100)
-    ref = sl.sinkhorn_knopp(bf.float(), kind="log_probs", tol=0, max_iter=30)
+    # plain iterations: chunked mode checks its scaling duals exactly and goes on in the log domain, a
+    # path whose over-relaxed iterates after 30 steps differ from the in-memory scaling form's
+    ref = sl.sinkhorn_knopp(bf.float(), kind="log_probs", tol=0, max_iter=30, acceleration="none")
     for source in (bf, lambda: iter([bf[:500], bf[500:]])):
         got = sl.sinkhorn_knopp(source, kind="log_probs", backend="chunked", memory_budget=budget, tol=0,
-                                max_iter=30)
+                                max_iter=30, acceleration="none")
         assert got.log_v.dtype == torch.float32 and torch.allclose(got.log_v, ref.log_v, atol=1e-5)
         assert (got.labels == ref.labels).float().mean() >= 0.999
 
