@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .accel import ACCELERATIONS
 from .backends import resolve_device
 from .io import atomic_write, save_npy, save_text
 from .solver import ALGORITHMS, KINDS, sinkhorn_knopp
@@ -86,8 +87,8 @@ def _save_labels(path: str, labels: np.ndarray) -> None:
 
 def _label(args: argparse.Namespace) -> int:
     _check_label_paths(args)
-    options = dict(lamb=args.lamb, dtype=args.dtype, algorithm=args.algorithm, tol=args.tol,
-                   max_iter=args.max_iter, progress=not args.quiet)
+    options = dict(lamb=args.lamb, dtype=args.dtype, algorithm=args.algorithm, acceleration=args.acceleration,
+                   tol=args.tol, max_iter=args.max_iter, progress=not args.quiet)
     if args.prototypes is not None:
         res = _label_features(args, options)
     elif args.bias is not None:
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=ALGORITHMS, default="auto",
                    help="scaling (fastest), log (log domain, stable for any lamb), or auto (default: scaling "
                         "when the dtype's range allows, switching to log at run time if needed)")
+    p.add_argument("--acceleration", choices=ACCELERATIONS, default="auto",
+                   help="auto/overrelax (default: over-relaxed iterations, the same answer in fewer) or none "
+                        "(plain Sinkhorn-Knopp)")
     p.add_argument("--backend", default="auto",
                    help="auto (default), cpu (fused C++), triton (CUDA), chunked (streamed within "
                         "--memory-budget) or torch (reference)")

@@ -42,6 +42,10 @@ def test_label_options(probs_file, tmp_path):
     assert rc == 0
     ref = sl.sinkhorn_knopp(p, kind="probs", dtype=torch.float64, algorithm="log", tol=1e-9, max_iter=5000)
     assert np.array_equal(np.load(out), ref.labels.numpy())
+    # --acceleration reaches the API: plain iterations, as sinkhorn_knopp(acceleration="none") gives them
+    plain = tmp_path / "plain.npy"
+    assert main(["label", str(path), "--kind", "probs", "--out", str(plain), "--acceleration", "none", "--quiet"]) == 0
+    assert np.array_equal(np.load(plain), sl.sinkhorn_knopp(p, kind="probs", acceleration="none").labels.numpy())
 
 
 def test_label_not_converged_exit_code(probs_file, tmp_path):
