@@ -61,10 +61,10 @@ class Relaxation:
     for successive over-relaxation, ``(r + omega - 1)^2 = lam * omega^2 * r``, valid while
     ``r > omega - 1``. The first plain window sets omega at once (early windows fall faster
     than the asymptotic rate, so that first omega is on the low side, where over-relaxation
-    is safe); after it an estimate is taken only when two successive windows agree on
+    is safe); after it an estimate is taken whole only when two successive windows agree on
     ``1 - lam`` within a quarter, since the plateaus of sharp small problems fall at rates
-    that say nothing of the asymptotic one. Windows whose error fell by less than 0.1% are
-    skipped. At or past its optimum omega contracts by ``omega - 1`` whatever ``lam``: then
+    that say nothing of the asymptotic one; a single window may raise ``lam`` so far that
+    ``1 - lam`` shrinks at most fourfold. Windows whose error fell by less than 0.1% are skipped. At or past its optimum omega contracts by ``omega - 1`` whatever ``lam``: then
     omega steps down (1 - lam times 10) until a window measures ``lam`` again, since an omega
     far above its optimum is slow. Over-relaxation does not make the error monotone (the
     dual objective is): a check whose error grew halves ``omega - 1`` until two windows
@@ -108,8 +108,11 @@ class Relaxation:
             return
         previous, self.pending = self.pending, estimate
         first = self.lam == 0.0 and w == 1.0
-        if not first and (previous is None
-                          or abs((1.0 - estimate) - (1.0 - previous)) > 0.25 * (1.0 - min(estimate, previous))):
+        agree = previous is not None and abs(estimate - previous) <= 0.25 * (1.0 - min(estimate, previous))
+        if first or agree:
+            self.lam = estimate if previous is None or first else min(estimate, previous)
+        elif estimate > self.lam:  # one window may raise the estimate: 1 - lam shrinks at most fourfold
+            self.lam = min(estimate, 1.0 - 0.25 * (1.0 - self.lam))
+        else:
             return
-        self.lam = estimate if previous is None else min(estimate, previous)
         self.omega_now = optimal_omega(self.lam)
