@@ -64,7 +64,8 @@ class Relaxation:
     is safe); after it an estimate is taken whole only when two successive windows agree on
     ``1 - lam`` within a quarter, since the plateaus of sharp small problems fall at rates
     that say nothing of the asymptotic one; a single window may raise ``lam`` so far that
-    ``1 - lam`` shrinks at most fourfold. Windows whose error fell by less than 0.1% are skipped. At or past its optimum omega contracts by ``omega - 1`` whatever ``lam``: then
+    ``1 - lam`` shrinks at most fourfold. Windows whose error fell by less than 0.1% are
+    skipped. At or past its optimum omega contracts by ``omega - 1`` whatever ``lam``: then
     omega steps down (1 - lam times 10) until a window measures ``lam`` again, since an omega
     far above its optimum is slow. Over-relaxation does not make the error monotone (the
     dual objective is): a check whose error grew halves ``omega - 1`` until two windows
