@@ -266,11 +266,13 @@ class _Loop:
             return k > 1 and (k - 1) % self.check_every == 0
         return k % self.check_every == 0
 
-    def omega(self) -> float:
-        """The relaxation factor of the current pass: 1 for a pass ending at a check and, with SeLa's
-        rule (the change between two successive iterations), for the pass before it too."""
-        plain = self.due() or (self.criterion == "sela" and self.due(self.k + 1))
-        return self.relax.omega(plain)
+    def omegas(self) -> tuple[float, float]:
+        """The relaxation factors of the current pass's row update and of the column update after it.
+        A check measures a row-exact plan, so the row update of a pass ending at a check is plain.
+        SeLa's rule measures how far one plain iteration moves the row scalings: with it the column
+        update in front of a check pass is plain too."""
+        row = self.relax.omega(self.due())
+        return row, self.relax.omega(self.criterion == "sela" and self.due(self.k + 1))
 
     def local(self, fn, *args):
         """``fn(*args)`` and None, or (with a process group) None and the exception it raised."""
@@ -333,7 +335,7 @@ def _run_scaling(loop: _Loop, M, a, log_a, b, start, trip: float, n_total: int, 
     good, good_k = _Scaled(None, g_abs + log_v, g_abs + log_v, "overflow", -math.inf), loop.k
     while loop.k < loop.max_iter:
         loop.k += 1
-        omega = loop.omega()
+        omega, col_omega = loop.omegas()
         out, err = loop.local(loop.be.scaling_pass, M, a, u, v, omega)
         w, change = out if err is None else (torch.zeros(H, K, dtype=M.dtype, device=M.device), None)
         loop.red.sum_checked_(w, err)
@@ -360,11 +362,11 @@ def _run_scaling(loop: _Loop, M, a, log_a, b, start, trip: float, n_total: int, 
                 return good._replace(status="drifted")
             if lost > trip:
                 return good._replace(status="tripped")
-        if omega == 1.0:
+        if col_omega == 1.0:
             v = b / w
             log_v = torch.log(v)
         else:  # over-relaxed: log v += omega * log(b / column mass), where that still gains
-            log_v = log_v + relaxed_step(torch.log(b / (v * w)), omega)
+            log_v = log_v + relaxed_step(torch.log(b / (v * w)), col_omega)
             v = torch.exp(log_v)
     return _Scaled(f_abs + torch.log(u), g_abs + log_v, g_abs + log_v, "ended", good.lost)
 
@@ -377,7 +379,7 @@ def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None, *, certify: bool
     g = torch.zeros(H, K, dtype=log_b.dtype, device=log_b.device) if log_v0 is None else log_v0.clone()
     while certify or loop.k < loop.max_iter:
         loop.k += not certify
-        omega = 1.0 if certify else loop.omega()
+        omega, col_omega = (1.0, 1.0) if certify else loop.omegas()
         out, err = loop.local(loop.be.log_pass, L, log_a, f, g, omega)
         if err is not None:
             logw, change = torch.full((H, K), -math.inf, dtype=log_b.dtype, device=log_b.device), None
@@ -392,7 +394,7 @@ def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None, *, certify: bool
                     "this is a bug, please report it with the scores' shape and lamb")
             if loop.record(torch.exp(logw.double()), torch.exp(log_b.double()), change) or certify:
                 break
-        g = g + relaxed_step(log_b - logw, omega)
+        g = g + relaxed_step(log_b - logw, col_omega)
     return f, g
 
 
@@ -454,8 +456,9 @@ def sinkhorn_knopp(
         acceleration: "auto" or "overrelax" (over-relaxed Sinkhorn-Knopp, ``selflabel.accel``:
             each update takes omega times its plain step where that still raises the dual
             objective, omega adapted from the errors measured at the checks; the same fixed
-            point in fewer iterations), or "none" (plain Sinkhorn-Knopp). The passes ending at
-            a check run plain, so ``check_every=1`` leaves nothing to accelerate.
+            point in fewer iterations), or "none" (plain Sinkhorn-Knopp). The row update of a
+            pass ending at a check runs plain (and, with SeLa's rule, the column update in
+            front of it), so ``check_every=1`` leaves only the column updates relaxed.
         init: warm start: a previous ``SinkhornResult`` or its ``log_v`` ((K,) or (H, K)).
         progress: show a tqdm progress bar.
         memory_budget: bytes (or "512MB", "2GiB") for backend="chunked", which streams the

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from reference import log_sinkhorn
 
 import selflabel as sl
-from selflabel.accel import OMEGA_MAX, Relaxation, optimal_omega, relaxed_step
+from selflabel.accel import LEAD, OMEGA_MAX, STEP_DOWN, Relaxation, optimal_omega, relaxed_step, young_lam
 from selflabel.backends.cpu import CpuBackend
 from selflabel.backends.torch_ref import TorchBackend
 from selflabel.synthetic import make_scores
@@ -36,34 +36,60 @@ def test_relaxed_step_keeps_dtype_and_plain_factor_is_identity():
 
 
 def _young_rate(lam: float, omega: float) -> float:
-    """The asymptotic rate of over-relaxation at ``omega`` below its optimum, plain rate ``lam``."""
-    return ((omega * math.sqrt(lam) + math.sqrt(omega * omega * lam - 4 * (omega - 1))) / 2) ** 2
+    """The asymptotic rate of over-relaxation at ``omega`` for plain rate ``lam``: Young's below the
+    optimum, ``omega - 1`` at or past it."""
+    disc = omega * omega * lam - 4 * (omega - 1)
+    return ((omega * math.sqrt(lam) + math.sqrt(disc)) / 2) ** 2 if disc > 0 else omega - 1
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.floats(0.5, 0.99999), st.floats(0.05, 0.999), st.integers(1, 30), st.integers(0, 4))
+def test_young_lam_inverts_a_window_of_relaxed_and_plain_passes(lam, share, relaxed, plain_halves):
+    omega = 1.0 + share * (optimal_omega(lam) - 1.0)  # below the optimum: Young's relation holds
+    plain = 0.5 * plain_halves
+    log_fall = relaxed * math.log(_young_rate(lam, omega)) + plain * math.log(lam)
+    assert young_lam(log_fall, relaxed, plain, omega) == pytest.approx(lam, rel=1e-9, abs=1e-12)
+    # a window that fell at least as fast as omega's optimum allows: omega is at or past its optimum
+    w = optimal_omega(lam)
+    assert young_lam(relaxed * math.log(0.999 * (w - 1)) + plain * math.log(lam), relaxed, plain, w) is None
+
+
+def _window(relax: Relaxation, err: float, lam: float, n: int = 10, check_halves: int = 1) -> float:
+    """``n`` passes against a model with plain rate ``lam``: each half-step asks ``relax`` for its
+    factor (the last ``check_halves`` are plain, as around a check); returns the error after them."""
+    log_err = math.log(err)
+    for i in range(2 * n):
+        plain = i >= 2 * n - check_halves
+        omega = relax.omega(plain=plain)
+        assert omega == 1.0 or not plain
+        log_err += 0.5 * math.log(lam if omega == 1.0 else _young_rate(lam, omega))
+    return math.exp(log_err)
 
 
 def test_relaxation_follows_the_measured_rate():
     relax = Relaxation(True)
     err = 1.0
     relax.observe(0, err)
-    assert relax.omega(check=False) == 1.0  # plain until a window measured a rate
-    err *= 0.99**10
-    relax.observe(10, err)  # the first plain window sets omega
-    assert relax.omega(check=False) == pytest.approx(optimal_omega(0.99))
-    assert relax.omega(check=True) == 1.0  # a pass ending at a check runs plain
+    assert relax.omega(plain=False) == 1.0  # plain until a window measured a rate
+    err = _window(relax, err, 0.99)
+    relax.observe(10, err)  # the first plain window sets omega, ahead of the measured rate
+    assert relax.lam == pytest.approx(0.99)
+    assert relax.omega(plain=False) == pytest.approx(optimal_omega(1 - LEAD * 0.01))
     # a true plain rate 0.999: one relaxed window shrinks 1 - lam at most fourfold, two that agree give it
-    w = relax.omega_now
-    err *= _young_rate(0.999, w) ** 10
+    err = _window(relax, err, 0.999)
     relax.observe(20, err)
     assert relax.lam == pytest.approx(1 - 0.01 / 4)
-    for k in (30, 40, 50):
-        err *= _young_rate(0.999, relax.omega_now) ** 10
-        relax.observe(k, err)
+    err = _window(relax, err, 0.999, check_halves=2)
+    relax.observe(30, err)
     assert relax.lam == pytest.approx(0.999, rel=1e-9)
-    assert relax.omega_now == pytest.approx(optimal_omega(0.999))
-    # a window contracting by omega - 1 or faster: omega is at or past its optimum, so it steps down
+    assert relax.omega_now == pytest.approx(optimal_omega(1 - LEAD * 0.001))
+    # that omega is past the optimum of 0.999, so the next window contracts by omega - 1: it steps down
     before = relax.omega_now
-    err *= (before - 1.05) ** 10
-    relax.observe(60, err)
-    assert relax.omega_now < before and relax.lam == pytest.approx(1 - 10 * 0.001)
+    err = _window(relax, err, 0.999)
+    relax.observe(40, err)
+    assert relax.lam == pytest.approx(1 - STEP_DOWN * 0.001)
+    # no longer led past the rate that proved too high: omega is that rate's optimum
+    assert relax.omega_now == pytest.approx(optimal_omega(0.999)) and relax.omega_now < before
     before = relax.omega_now
     relax.observe(70, 10 * err)  # the error grew: back off
     assert relax.omega_now == pytest.approx(1 + 0.5 * (before - 1))
@@ -71,19 +97,37 @@ def test_relaxation_follows_the_measured_rate():
     assert relax.omega_now == pytest.approx(1 + 0.5 * (before - 1))
 
 
+@pytest.mark.parametrize("lam", [0.8, 0.9, 0.99, 0.999, 0.9999])
+@pytest.mark.parametrize("first", [0.5, 0.9, 0.999])
+def test_relaxation_nears_the_best_fixed_omega_on_a_stationary_rate(lam, first):
+    """The plain rate is ``first`` in the first window (early windows fall at other rates), then
+    ``lam``: over 30 windows the policy contracts the error at least 65% as much (in log) as the
+    best fixed omega would."""
+    relax = Relaxation(True)
+    relax.observe(0, 1.0)
+    err = _window(relax, 1.0, first)
+    relax.observe(10, err)
+    start = math.log(err)
+    for k in range(20, 320, 10):
+        err = _window(relax, err, lam, check_halves=2)
+        relax.observe(k, err)
+    best = 30 * (9 * math.log(optimal_omega(lam) - 1) + math.log(lam))
+    assert math.log(err) - start <= 0.65 * best
+
+
 def test_plateaus_do_not_set_omega():
     relax = Relaxation(True)
     relax.observe(0, 1.0)
     relax.observe(10, 0.9999)  # error down by 0.01%: skipped
     relax.observe(20, 0.9998)
-    assert relax.omega(check=False) == 1.0
+    assert relax.omega(plain=False) == 1.0
 
 
 def test_disabled_relaxation_stays_plain():
     relax = Relaxation(False)
     for k in (10, 20, 30):
         relax.observe(k, 0.9**k)
-    assert relax.omega(check=False) == 1.0
+    assert relax.omega(plain=False) == 1.0
 
 
 def _pass_inputs(dtype, seed, scores_mode=False):
@@ -232,3 +276,12 @@ def test_acceleration_takes_fewer_iterations_to_the_same_labels(dtype, case):
 def test_acceleration_is_validated():
     with pytest.raises(ValueError, match="acceleration"):
         sl.sinkhorn_knopp(torch.randn(10, 3), acceleration="fast")
+
+
+def test_relaxation_takes_an_exact_zero_error():
+    relax = Relaxation(True)
+    relax.observe(0, 1.0)
+    relax.observe(10, 0.5)
+    relax.observe(20, 0.0)  # converged exactly: nothing to learn, no failure
+    relax.observe(30, 0.0)
+    assert 1.0 < relax.omega(plain=False) < 2.0
