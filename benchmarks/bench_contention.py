@@ -1,9 +1,10 @@
-"""Speed on a busy machine: per-iteration time of the CPU backend at 1 and 2 threads (and the
-torch backend) while one busy-loop process per core competes for the cores, as DataLoader
-workers do during training; then a short digits ``selflabel train`` at 1 and 2 threads under
-the same load. The same figures on the quiet machine are measured first.
+"""Speed on a busy machine: per-iteration time of the CPU backend at 1 and 2 threads (and the torch
+backend) while one busy-loop process per core competes for the cores, as DataLoader workers do
+during training; then a short digits ``selflabel train`` on 1 thread and on 2 (every step on
+both, and each step on both or one as measured, the default) under the same load. The same
+figures on the quiet machine are measured first.
 
-    python benchmarks/bench_contention.py                  # about 4 minutes on 2 cores
+    python benchmarks/bench_contention.py                  # about 10 minutes on 2 cores
     python benchmarks/bench_contention.py --no-train --sizes 500x10 20000x500 --no-save
 
 Per-iteration time is the difference of two solves of different lengths (set-up cancels),
@@ -75,13 +76,27 @@ def solver_rows(sizes: list[str], repeat: int) -> list[dict]:
     return rows
 
 
-def train_seconds(threads: int, epochs: int) -> float:
+TRAIN_VARIANTS = (("1", 1, []), ("2 fixed", 2, ["--threads", "2"]), ("2 measured", 2, []))
+
+
+def train_seconds(threads: int, extra: list[str], epochs: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "selflabel", "train", "--epochs", str(epochs), "--out", out, "--quiet",
-                        "--no-tensorboard", "--device", "cpu"], check=True, env=env, capture_output=True)
+                        "--no-tensorboard", "--device", "cpu", *extra], check=True, env=env, capture_output=True)
         return time.perf_counter() - t
+
+
+def train_rows(load: str, epochs: int, repeat: int) -> list[dict]:
+    """Whole ``selflabel train`` runs: OMP_NUM_THREADS=1; 2 with ``--threads 2`` (every step on
+    both); 2 with the default ``--threads 0`` (each step on both or one, as measured). Interleaved;
+    the median of ``repeat`` runs each."""
+    times: dict[str, list[float]] = {name: [] for name, _, _ in TRAIN_VARIANTS}
+    for _ in range(repeat):
+        for name, threads, extra in TRAIN_VARIANTS:
+            times[name].append(train_seconds(threads, extra, epochs))
+    return [dict(load=load, threads=name, seconds=statistics.median(ts), runs=ts) for name, ts in times.items()]
 
 
 def main() -> None:
@@ -91,6 +106,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--load-seconds", type=float, default=600.0)
     parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--train-repeat", type=int, default=3)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -101,9 +117,7 @@ def main() -> None:
             for row in solver_rows(args.sizes, args.repeat):
                 report["rows"].append({**row, "load": load})
             if not args.no_train:
-                for threads in (1, 2):
-                    report["train"].append(dict(load=load, threads=threads,
-                                                seconds=train_seconds(threads, args.epochs)))
+                report["train"] += train_rows(load, args.epochs, args.train_repeat)
     print("| load | N x K | cpu 1 thread ms | cpu 2 threads ms | torch 2 threads ms | cpu 2 / cpu 1 |")
     print("|---|---|---|---|---|---|")
     for load in ("quiet", "busy"):
@@ -114,7 +128,8 @@ def main() -> None:
             print(f"| {load} | {n} x {k} | {got[('cpu', 1)]:.3f} | {got[('cpu', 2)]:.3f} | {got[('torch', 2)]:.3f} | "
                   f"{got[('cpu', 2)] / got[('cpu', 1)]:.2f} |")
     for t in report["train"]:
-        print(f"train {args.epochs} epochs, {t['load']}, {t['threads']} thread(s): {t['seconds']:.1f} s")
+        print(f"train {args.epochs} epochs, {t['load']}, threads {t['threads']}: median {t['seconds']:.1f} s "
+              f"({', '.join(f'{x:.1f}' for x in t['runs'])})")
     if not args.no_save:
         stamp = dt.date.today().strftime("%Y%m%d")
         path = os.path.join(os.path.dirname(__file__), "results", f"contention-{stamp}.json")

@@ -173,11 +173,15 @@ def _add_train(sub) -> None:
     t.add_argument("--out", default="selflabel-run", help="folder for checkpoint.pt, metrics.json, tensorboard/")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt with the same options (resolved defaults included; "
-                        "a difference is an error naming it); only --out, --device, --workers, --stop-after, "
-                        "--implicit, --memory-budget, --quiet and --no-tensorboard may change")
+                        "a difference is an error naming it); only --out, --device, --workers, --threads, "
+                        "--stop-after, --implicit, --memory-budget, --quiet and --no-tensorboard may change")
     t.add_argument("--seed", type=int, default=0, help="seed of the weights, views and batches (default 0)")
     t.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
     t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    t.add_argument("--threads", type=int, default=0,
+                   help="torch threads on CPU; 0 (default): each step runs on all of torch's threads or on one, "
+                        "whichever the steps measure faster (one wins on a busy machine); set it for bit-for-bit "
+                        "repeatable runs")
     t.add_argument("--implicit", action="store_true",
                    help="label without storing the N x K scores: from features x head weights (SeLa), "
                         "projected embeddings x prototypes / temperature (CARP's final labels)")

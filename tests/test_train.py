@@ -15,6 +15,7 @@ from selflabel.train import TrainConfig, label_schedule, train
 from selflabel.train.carp import block_softmax, carp_loss, random_blocks
 from selflabel.train.data import load_digits_set, load_image_set
 from selflabel.train.evaluate import cluster_accuracy
+from selflabel.train.loop import StepThreads
 from selflabel.train.models import ARCHS, CarpHead, SelaHeads, build_backbone
 
 FAST = dict(arch="mlp", progress=False, tensorboard=False, evaluate=False)
@@ -43,7 +44,8 @@ def test_carp_learns_digits(tmp_path):
 
 @pytest.mark.parametrize("method", ["sela", "carp"])
 def test_resume_is_exact(tmp_path, method):
-    opts = dict(method=method, epochs=2, nopts=5, batch_size=256, seed=3, **FAST)
+    # a fixed thread count: a measured one follows the load, and torch's bits follow the count
+    opts = dict(method=method, epochs=2, nopts=5, batch_size=256, seed=3, threads=torch.get_num_threads(), **FAST)
     full = train(out=str(tmp_path / "full"), **opts)
     first = train(out=str(tmp_path / "split"), stop_after=1, **opts)
     assert len(first.history) == 1
@@ -264,3 +266,56 @@ def test_carp_implicit_labels_agree(tmp_path):
     implicit = train(out=str(tmp_path / "b"), implicit=True, **opts)
     assert implicit.labels.shape == (1, 1797)
     assert (base.labels == implicit.labels).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("fast", [1, 3])
+def test_step_threads_follow_the_faster_count(monkeypatch, fast):
+    """Steps on ``fast`` threads cost a fifth of the other count's: after the warm-up nearly every
+    step runs on it, work outside the steps too, and close() restores torch's count."""
+    import selflabel.train.loop as loop
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        clock = [0.0]
+        monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+        threads, used = StepThreads(0, torch.device("cpu")), []
+        for _ in range(100):
+            threads.begin()
+            used.append(torch.get_num_threads())
+            clock[0] += 1.0 if torch.get_num_threads() == fast else 5.0
+            threads.end()
+        assert set(used[:4]) == {1, 3}  # the warm-up tries both
+        assert used[4:].count(fast) >= 0.9 * len(used[4:])
+        threads.best()
+        assert torch.get_num_threads() == fast
+        threads.close()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fixed_step_threads_and_gpu_runs_do_not_choose():
+    before = torch.get_num_threads()
+    try:
+        fixed = StepThreads(1, torch.device("cpu"))
+        for _ in range(6):
+            fixed.begin()
+            assert torch.get_num_threads() == 1
+            fixed.end()
+        fixed.close()
+        assert torch.get_num_threads() == before
+        assert StepThreads(0, torch.device("cuda")).count is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_restores_torch_threads(tmp_path):
+    before = torch.get_num_threads()
+    train(out=str(tmp_path / "a"), epochs=1, nopts=2, threads=1, **FAST)
+    assert torch.get_num_threads() == before
+    with pytest.raises(FloatingPointError):  # a run that raises restores it too
+        train(out=str(tmp_path / "b"), epochs=2, nopts=2, lr=1e30, threads=1, **FAST)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        train(out=str(tmp_path / "c"), epochs=1, threads=-1, **FAST)

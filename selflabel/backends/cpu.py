@@ -48,8 +48,9 @@ class WorkerCount:
         self.since = 0
         self.exploring = 0
 
-    def pick(self) -> int:
-        many = torch.get_num_threads()
+    def pick(self, many: int | None = None) -> int:
+        """The thread count of the next pass: ``many`` (default ``torch.get_num_threads()``) or one."""
+        many = torch.get_num_threads() if many is None else many
         if many <= 1:
             return 1
         options = (many, 1)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..backends.cpu import WorkerCount
 from ..features import sinkhorn_knopp_features
 from ..io import atomic_write, save_json
 from ..solver import sinkhorn_knopp
@@ -67,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda (this rank's GPU under torchrun) when available, else cpu
     workers: int = 0
+    threads: int = 0  # torch threads of the steps; 0: all or one, whichever the steps measure faster
     implicit: bool = False  # SeLa: label from features x head weights, never storing N x K scores
     memory_budget: str | None = None  # SeLa: aggregate scores on disk and stream them within this budget
     carp_block: int | None = None  # CARP: prototypes per random block (NB)
@@ -143,11 +145,49 @@ def _check_numbers(cfg: TrainConfig) -> None:
          "in [0, 1)"),
         ("stop_after", cfg.stop_after is None or cfg.stop_after >= 1, "at least 1 (an epoch number)"),
         ("workers", cfg.workers >= 0, "at least 0"),
+        ("threads", cfg.threads >= 0, "at least 0 (0: chosen by measurement)"),
         ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"),
     ]
     for name, ok, want in rules:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)}")
+
+
+class StepThreads:
+    """torch's thread count over a run: ``threads`` > 0 fixes it; 0 chooses, step by step, between
+    ``torch.get_num_threads()`` and one by the steps' measured time (``WorkerCount``). On a busy CPU
+    (DataLoader workers, other jobs) every parallel region of the model's small operations waits
+    for whichever thread the scheduler has not run, and one thread can be several times faster;
+    on a quiet one all threads win. Relabelling and evaluation run on the count measured faster.
+    A chosen count follows the load, so bit-for-bit repeatable runs need ``threads`` > 0."""
+
+    def __init__(self, threads: int, device: torch.device) -> None:
+        self.restore = torch.get_num_threads()
+        self.many = threads or self.restore
+        self.count = WorkerCount() if threads == 0 and device.type == "cpu" and self.many > 1 else None
+        self.now, self.start = self.many, 0.0
+
+    def _set(self, n: int) -> None:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+    def begin(self) -> None:
+        """Set the count of the next training step and start its clock."""
+        self.now = self.count.pick(self.many) if self.count is not None else self.many
+        self._set(self.now)
+        self.start = time.perf_counter()
+
+    def end(self) -> None:
+        """Stop the step's clock."""
+        if self.count is not None:
+            self.count.record(self.now, time.perf_counter() - self.start)
+
+    def best(self) -> None:
+        """Set the count measured faster (``threads`` when fixed) for work outside the steps."""
+        self._set(self.many if self.count is None else min((self.many, 1), key=self.count.typical))
+
+    def close(self) -> None:
+        torch.set_num_threads(self.restore)
 
 
 def _device(spec: str) -> torch.device:
@@ -267,8 +307,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # options that may differ on --resume: where and how the run executes, not what it computes
 # (--implicit and --memory-budget change how the same labelling is stored, not its optimum);
 # every other option (resolved defaults included) must match the checkpoint's
-MAY_CHANGE_ON_RESUME = ("out", "resume", "device", "workers", "stop_after", "implicit", "memory_budget", "progress",
-                        "tensorboard", "evaluate")
+MAY_CHANGE_ON_RESUME = ("out", "resume", "device", "workers", "threads", "stop_after", "implicit", "memory_budget",
+                        "progress", "tensorboard", "evaluate")
 _CHECKPOINT_KEYS = ("net", "optimizer", "teacher", "labels", "log_v", "epoch", "step", "history", "rng", "config")
 
 
@@ -400,91 +440,100 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
             writer.add_histogram("labels/cluster_sizes", torch.bincount(labels[0], minlength=cfg.ncl), step)
 
     # ---- the loop ---------------------------------------------------------------------------------
-    last_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
-    for epoch in range(start_epoch, last_epoch):
-        lr = cfg.lr * 0.1 ** (epoch // cfg.lrdrop)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        train_set.set_epoch(epoch)
-        order = shard[torch.randperm(len(shard), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))]
-        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=order.tolist(),
-                                             num_workers=cfg.workers, drop_last=True)
-        bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (main and cfg.progress), leave=False)
-        losses = []
-        for b, (idx, views) in enumerate(loader):
-            if b == steps_per_epoch:
-                break
-            if step in relabel_at:
-                relabel()
-            views = [v.to(device, non_blocking=True) for v in views]
-            if cfg.method == "sela":
-                logits = model(views[0])  # (H, B, K)
-                target = labels[:, idx].to(device)
-                loss = sum(F.cross_entropy(logits[h], target[h]) for h in range(cfg.hc)) / cfg.hc
-                parts = {}
-            else:
-                x = torch.cat(views)
-                student = list(model(x).chunk(len(views)))
-                with torch.no_grad():
-                    teacher_out = list(teacher(torch.cat(views[:2])).chunk(2))
-                blocks = random_blocks(cfg.ncl, cfg.carp_block, torch.Generator().manual_seed(cfg.seed + 104729 * step))
-                consistency, entropy = carp_loss(student, teacher_out, blocks)
-                loss = consistency + entropy
-                parts = {"train/consistency": consistency.item(), "train/entropy": entropy.item()}
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}); "
-                                         "lower --lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if teacher is not None:
-                m = 1 - (1 - cfg.carp_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
-                with torch.no_grad():
-                    for pt, ps in zip(teacher.parameters(), net.parameters(), strict=True):
-                        pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-                    for bt, bs in zip(teacher.buffers(), net.buffers(), strict=True):
-                        bt.copy_(bs)
-            losses.append(loss.item())
-            log({"train/loss": losses[-1], "train/lr": lr, **parts}, step)
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            step += 1
-        bar.close()
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
-        if main and cfg.method == "sela":
-            record.update({f"label_{k}": v for k, v in cluster_scores(images.targets, labels[0].numpy()).items()})
-            log({"eval/label_nmi": record["label_nmi"]}, step)
-        history.append(record)
-        if main:
-            with atomic_write(ckpt_path) as fh:
-                torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(),
-                            "teacher": teacher.state_dict() if teacher is not None else None,
-                            "labels": labels, "log_v": log_v, "epoch": epoch + 1, "step": step,
-                            "history": history, "rng": _rng_state(), "config": asdict(cfg)}, fh)
-            if cfg.progress:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} lr {lr:.4g}"
-                      + (f" label NMI {record['label_nmi']:.3f}" if "label_nmi" in record else ""), flush=True)
+    threads = StepThreads(cfg.threads, device)
+    try:
+        last_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
+        for epoch in range(start_epoch, last_epoch):
+            lr = cfg.lr * 0.1 ** (epoch // cfg.lrdrop)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            train_set.set_epoch(epoch)
+            order = shard[torch.randperm(len(shard), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))]
+            loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=order.tolist(),
+                                                 num_workers=cfg.workers, drop_last=True)
+            bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (main and cfg.progress), leave=False)
+            losses = []
+            for b, (idx, views) in enumerate(loader):
+                if b == steps_per_epoch:
+                    break
+                if step in relabel_at:
+                    threads.best()
+                    relabel()
+                threads.begin()
+                views = [v.to(device, non_blocking=True) for v in views]
+                if cfg.method == "sela":
+                    logits = model(views[0])  # (H, B, K)
+                    target = labels[:, idx].to(device)
+                    loss = sum(F.cross_entropy(logits[h], target[h]) for h in range(cfg.hc)) / cfg.hc
+                    parts = {}
+                else:
+                    x = torch.cat(views)
+                    student = list(model(x).chunk(len(views)))
+                    with torch.no_grad():
+                        teacher_out = list(teacher(torch.cat(views[:2])).chunk(2))
+                    gen = torch.Generator().manual_seed(cfg.seed + 104729 * step)
+                    blocks = random_blocks(cfg.ncl, cfg.carp_block, gen)
+                    consistency, entropy = carp_loss(student, teacher_out, blocks)
+                    loss = consistency + entropy
+                    parts = {"train/consistency": consistency.item(), "train/entropy": entropy.item()}
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}); "
+                                             "lower --lr or check the data")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if teacher is not None:
+                    m = 1 - (1 - cfg.carp_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
+                    with torch.no_grad():
+                        for pt, ps in zip(teacher.parameters(), net.parameters(), strict=True):
+                            pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+                        for bt, bs in zip(teacher.buffers(), net.buffers(), strict=True):
+                            bt.copy_(bs)
+                losses.append(loss.item())
+                threads.end()
+                log({"train/loss": losses[-1], "train/lr": lr, **parts}, step)
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                step += 1
+            bar.close()
+            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
+            if main and cfg.method == "sela":
+                record.update({f"label_{k}": v for k, v in cluster_scores(images.targets, labels[0].numpy()).items()})
+                log({"eval/label_nmi": record["label_nmi"]}, step)
+            history.append(record)
+            if main:
+                with atomic_write(ckpt_path) as fh:
+                    torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(),
+                                "teacher": teacher.state_dict() if teacher is not None else None,
+                                "labels": labels, "log_v": log_v, "epoch": epoch + 1, "step": step,
+                                "history": history, "rng": _rng_state(), "config": asdict(cfg)}, fh)
+                if cfg.progress:
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} lr {lr:.4g}"
+                          + (f" label NMI {record['label_nmi']:.3f}" if "label_nmi" in record else ""), flush=True)
 
-    # ---- final labels and evaluation --------------------------------------------------------------
-    finished = last_epoch == cfg.epochs
-    if finished:
-        if cfg.method == "carp":  # balanced labels from the prototype head, by the same solver
-            cfg_eval = replace(cfg, hc=1)
-            _check_finite(net, step)
-            labels, _ = _relabel(net, images, cfg_eval, shard, world, None)
-        else:
-            relabel()
-    metrics: dict[str, dict[str, float]] = {}
-    if finished and cfg.evaluate and main:
-        metrics = _evaluate(net, images, cfg, labels)
-        save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "metrics": metrics,
-                                                          "history": history})
-        for name, scores in metrics.items():
-            log({f"final/{name}_{k}": v for k, v in scores.items()}, step)
-        print(f"{cfg.method} on {cfg.data} ({cfg.arch}, K={cfg.ncl}, {cfg.epochs} epochs, "
-              f"{time.perf_counter() - t0:.0f}s): {_summary(metrics)}", flush=True)
-    if writer is not None:
-        writer.close()
+        # ---- final labels and evaluation --------------------------------------------------------------
+        finished = last_epoch == cfg.epochs
+        threads.best()
+        if finished:
+            if cfg.method == "carp":  # balanced labels from the prototype head, by the same solver
+                cfg_eval = replace(cfg, hc=1)
+                _check_finite(net, step)
+                labels, _ = _relabel(net, images, cfg_eval, shard, world, None)
+            else:
+                relabel()
+        metrics: dict[str, dict[str, float]] = {}
+        if finished and cfg.evaluate and main:
+            metrics = _evaluate(net, images, cfg, labels)
+            save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "metrics": metrics,
+                                                              "history": history})
+            for name, scores in metrics.items():
+                log({f"final/{name}_{k}": v for k, v in scores.items()}, step)
+            print(f"{cfg.method} on {cfg.data} ({cfg.arch}, K={cfg.ncl}, {cfg.epochs} epochs, "
+                  f"{time.perf_counter() - t0:.0f}s): {_summary(metrics)}", flush=True)
+    finally:
+        threads.close()
+        if writer is not None:
+            writer.close()
     return TrainResult(net=net, labels=labels, metrics=metrics, history=history,
                        seconds=time.perf_counter() - t0, config=cfg)
