@@ -92,7 +92,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[f"torch>={TORCH_MIN}", "numpy", "tqdm"],
     extras_require={
-        "train": ["scikit-learn", "scipy", "tensorboard"],  # selflabel train: digits, evaluation, TensorBoard logs
+        # selflabel train: digits, evaluation, TensorBoard logs, thread limits of scikit-learn's pools
+        "train": ["scikit-learn", "scipy", "tensorboard", "threadpoolctl"],
         "bench": ["matplotlib", "POT"],  # selflabel bench: plots, POT's solvers as peers
         "gpu": ["triton"],  # the fused Triton kernels (CUDA tensors)
         "vision": ["torchvision"],  # selflabel train --data imagefolder|cifar10|cifar100|svhn:PATH

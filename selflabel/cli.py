@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # optional packages -> the extra of selflabel that installs them
-EXTRAS = {"sklearn": "train", "scipy": "train", "tensorboard": "train", "matplotlib": "bench", "ot": "bench",
-          "triton": "gpu", "torchvision": "vision"}
+EXTRAS = {"sklearn": "train", "scipy": "train", "tensorboard": "train", "threadpoolctl": "train", "matplotlib": "bench",
+          "ot": "bench", "triton": "gpu", "torchvision": "vision"}
 
 
 def _error(exc: Exception) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ..backends.cpu import WorkerCount
@@ -158,7 +159,8 @@ class StepThreads:
     ``torch.get_num_threads()`` and one by the steps' measured time (``WorkerCount``). On a busy CPU
     (DataLoader workers, other jobs) every parallel region of the model's small operations waits
     for whichever thread the scheduler has not run, and one thread can be several times faster;
-    on a quiet one all threads win. Relabelling and evaluation run on the count measured faster.
+    on a quiet one all threads win. Relabelling and evaluation (scikit-learn's thread pools too) run
+    on the count measured faster.
     A chosen count follows the load, so bit-for-bit repeatable runs need ``threads`` > 0."""
 
     def __init__(self, threads: int, device: torch.device) -> None:
@@ -524,7 +526,9 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
                 relabel()
         metrics: dict[str, dict[str, float]] = {}
         if finished and cfg.evaluate and main:
-            metrics = _evaluate(net, images, cfg, labels)
+            # scikit-learn's BLAS and OpenMP pools do not follow torch's count: hold them to it
+            with threadpool_limits(limits=torch.get_num_threads()):
+                metrics = _evaluate(net, images, cfg, labels)
             save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "metrics": metrics,
                                                               "history": history})
             for name, scores in metrics.items():
