@@ -16,8 +16,8 @@ takes the plain step, which always does. So the objective rises at every half-st
 iteration cannot diverge and its fixed point is plain Sinkhorn-Knopp's.
 
 ``omega`` is chosen from the errors the solver measures at its checks (``Relaxation``):
-the passes that end at a check run plain, so the reported error is that of a row-exact
-plan, as without acceleration. The C++ and Triton passes apply the same rule per row
+the row update of a pass that ends at a check runs plain, so the reported error is that of
+a row-exact plan, as without acceleration. The C++ and Triton passes apply the same rule per row
 (``relaxed_step`` in csrc/sinkhorn.cpp and kernels/_common.py).
 """
 
@@ -57,8 +57,9 @@ def optimal_omega(lam: float) -> float:
 def young_lam(log_fall: float, relaxed: float, plain: float, omega: float) -> float | None:
     """The plain rate ``lam`` of a window whose error changed by ``exp(log_fall)`` over ``relaxed``
     passes at ``omega`` (rate ``r`` each, ``(r + omega - 1)^2 = lam omega^2 r``) and ``plain``
-    passes at omega 1 (rate ``lam`` each); None when the window fell at least as fast as omega's
-    optimum allows (``r <= omega - 1``: omega is at or past its optimum)."""
+    passes at omega 1 (rate ``lam`` each; ``plain`` > 0 where ``relaxed`` is 0); None when the
+    window fell at least as fast as omega's optimum allows (``r <= omega - 1``: omega is at or
+    past its optimum)."""
     c = omega - 1.0
 
     def lam_of(r: float) -> float:
@@ -67,7 +68,9 @@ def young_lam(log_fall: float, relaxed: float, plain: float, omega: float) -> fl
     def fall(r: float) -> float:  # increasing in r on (c, 1]
         return relaxed * math.log(r) + plain * math.log(lam_of(r))
 
-    if relaxed <= 0 or fall(c) >= log_fall:
+    if relaxed <= 0:  # every half-step of the window ran plain: it measured lam itself
+        return math.exp(log_fall / plain)
+    if fall(c) >= log_fall:
         return None
     lo, hi = c, 1.0
     for _ in range(60):
@@ -97,7 +100,9 @@ class Relaxation:
     fourfold. Windows whose error fell by less than 0.1% are skipped. A window that fell at
     least as fast as omega's optimum allows says omega is at or past it (where the rate is
     ``omega - 1`` whatever ``lam``): omega steps down (``1 - lam`` times ``STEP_DOWN``)
-    until a window measures ``lam`` again, since an omega far above its optimum is slow.
+    until a window measures ``lam`` again, since an omega far above its optimum is slow, and the
+    estimate that proved too high becomes a ceiling the lead does not pass again (an estimate
+    above it is still taken, without lead), so on a steady rate omega settles on its optimum.
     Over-relaxation does not make the error monotone (the dual objective is): a check whose
     error grew halves ``omega - 1`` until two windows agree again.
     """
@@ -138,6 +143,7 @@ class Relaxation:
         if w == 1.0:
             estimate = (error / last[1]) ** (1.0 / (k - last[0]))
         else:
+            plain = min(plain, k - last[0])  # (passes rewound after an overflow counted too)
             estimate = young_lam(math.log(error / last[1]), k - last[0] - plain, plain, w)
         if estimate is None:  # omega at or past its optimum: step down until a window measures lam again
             self.pending = None

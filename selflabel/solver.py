@@ -266,13 +266,16 @@ class _Loop:
             return k > 1 and (k - 1) % self.check_every == 0
         return k % self.check_every == 0
 
-    def omegas(self) -> tuple[float, float]:
-        """The relaxation factors of the current pass's row update and of the column update after it.
-        A check measures a row-exact plan, so the row update of a pass ending at a check is plain.
-        SeLa's rule measures how far one plain iteration moves the row scalings: with it the column
-        update in front of a check pass is plain too."""
-        row = self.relax.omega(self.due())
-        return row, self.relax.omega(self.criterion == "sela" and self.due(self.k + 1))
+    def row_omega(self) -> float:
+        """The relaxation factor of the current pass's row update: plain for a pass ending at a
+        check, whose error must be that of a row-exact plan."""
+        return self.relax.omega(self.due())
+
+    def col_omega(self) -> float:
+        """The relaxation factor of the column update after the current pass (asked after its check,
+        so a new omega applies at once): plain with SeLa's rule in front of a check pass, so the rule
+        measures one plain iteration's change of the row scalings."""
+        return self.relax.omega(self.criterion == "sela" and self.due(self.k + 1))
 
     def local(self, fn, *args):
         """``fn(*args)`` and None, or (with a process group) None and the exception it raised."""
@@ -335,8 +338,7 @@ def _run_scaling(loop: _Loop, M, a, log_a, b, start, trip: float, n_total: int, 
     good, good_k = _Scaled(None, g_abs + log_v, g_abs + log_v, "overflow", -math.inf), loop.k
     while loop.k < loop.max_iter:
         loop.k += 1
-        omega, col_omega = loop.omegas()
-        out, err = loop.local(loop.be.scaling_pass, M, a, u, v, omega)
+        out, err = loop.local(loop.be.scaling_pass, M, a, u, v, loop.row_omega())
         w, change = out if err is None else (torch.zeros(H, K, dtype=M.dtype, device=M.device), None)
         loop.red.sum_checked_(w, err)
         if loop.due():
@@ -362,6 +364,7 @@ def _run_scaling(loop: _Loop, M, a, log_a, b, start, trip: float, n_total: int, 
                 return good._replace(status="drifted")
             if lost > trip:
                 return good._replace(status="tripped")
+        col_omega = loop.col_omega()
         if col_omega == 1.0:
             v = b / w
             log_v = torch.log(v)
@@ -379,8 +382,7 @@ def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None, *, certify: bool
     g = torch.zeros(H, K, dtype=log_b.dtype, device=log_b.device) if log_v0 is None else log_v0.clone()
     while certify or loop.k < loop.max_iter:
         loop.k += not certify
-        omega, col_omega = (1.0, 1.0) if certify else loop.omegas()
-        out, err = loop.local(loop.be.log_pass, L, log_a, f, g, omega)
+        out, err = loop.local(loop.be.log_pass, L, log_a, f, g, 1.0 if certify else loop.row_omega())
         if err is not None:
             logw, change = torch.full((H, K), -math.inf, dtype=log_b.dtype, device=log_b.device), None
         else:
@@ -394,7 +396,7 @@ def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None, *, certify: bool
                     "this is a bug, please report it with the scores' shape and lamb")
             if loop.record(torch.exp(logw.double()), torch.exp(log_b.double()), change) or certify:
                 break
-        g = g + relaxed_step(log_b - logw, col_omega)
+        g = g + relaxed_step(log_b - logw, loop.col_omega())
     return f, g
 
 
@@ -458,7 +460,8 @@ def sinkhorn_knopp(
             objective, omega adapted from the errors measured at the checks; the same fixed
             point in fewer iterations), or "none" (plain Sinkhorn-Knopp). The row update of a
             pass ending at a check runs plain (and, with SeLa's rule, the column update in
-            front of it), so ``check_every=1`` leaves only the column updates relaxed.
+            front of it), so ``check_every=1`` leaves only the column updates relaxed (with
+            SeLa's rule, none).
         init: warm start: a previous ``SinkhornResult`` or its ``log_v`` ((K,) or (H, K)).
         progress: show a tqdm progress bar.
         memory_budget: bytes (or "512MB", "2GiB") for backend="chunked", which streams the

@@ -285,3 +285,25 @@ def test_relaxation_takes_an_exact_zero_error():
     relax.observe(20, 0.0)  # converged exactly: nothing to learn, no failure
     relax.observe(30, 0.0)
     assert 1.0 < relax.omega(plain=False) < 2.0
+
+
+def test_young_lam_of_an_all_plain_window_is_its_rate():
+    assert young_lam(20 * math.log(0.97), 0, 20.0, 1.6) == pytest.approx(0.97)
+
+
+@pytest.mark.parametrize("criterion", ["marginal", "sela"])
+@pytest.mark.parametrize("check_every", [1, 3, 10])
+def test_which_half_steps_run_plain(criterion, check_every):
+    """Row updates of passes that end at a check run plain; with SeLa's rule also the column update
+    in front of such a pass; every other half-step takes omega."""
+    from selflabel.solver import _Loop
+
+    relax = Relaxation(True)
+    relax.omega_now = 1.5
+    loop = _Loop(None, None, 1e-5, 100, check_every, criterion, None, relax)
+    for k in range(1, 40):
+        loop.k = k
+        check = loop.due()
+        assert check == (k % check_every == 0 if criterion == "marginal" else k > 1 and (k - 1) % check_every == 0)
+        assert loop.row_omega() == (1.0 if check else 1.5)
+        assert loop.col_omega() == (1.0 if criterion == "sela" and loop.due(k + 1) else 1.5)

@@ -297,6 +297,7 @@ def test_step_threads_follow_the_faster_count(monkeypatch, fast):
 
 def test_fixed_step_threads_and_gpu_runs_do_not_choose():
     before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that fixing 1 and restoring 2 can be told apart
     try:
         fixed = StepThreads(1, torch.device("cpu"))
         for _ in range(6):
@@ -304,7 +305,7 @@ def test_fixed_step_threads_and_gpu_runs_do_not_choose():
             assert torch.get_num_threads() == 1
             fixed.end()
         fixed.close()
-        assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == 2
         assert StepThreads(0, torch.device("cuda")).count is None
     finally:
         torch.set_num_threads(before)
@@ -312,10 +313,14 @@ def test_fixed_step_threads_and_gpu_runs_do_not_choose():
 
 def test_train_restores_torch_threads(tmp_path):
     before = torch.get_num_threads()
-    train(out=str(tmp_path / "a"), epochs=1, nopts=2, threads=1, **FAST)
-    assert torch.get_num_threads() == before
-    with pytest.raises(FloatingPointError):  # a run that raises restores it too
-        train(out=str(tmp_path / "b"), epochs=2, nopts=2, lr=1e30, threads=1, **FAST)
-    assert torch.get_num_threads() == before
-    with pytest.raises(ValueError, match="threads"):
-        train(out=str(tmp_path / "c"), epochs=1, threads=-1, **FAST)
+    torch.set_num_threads(2)  # so that running on 1 and restoring 2 can be told apart
+    try:
+        train(out=str(tmp_path / "a"), epochs=1, nopts=2, threads=1, **FAST)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(FloatingPointError):  # a run that raises restores it too
+            train(out=str(tmp_path / "b"), epochs=2, nopts=2, lr=1e30, threads=1, **FAST)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="threads"):
+            train(out=str(tmp_path / "c"), epochs=1, threads=-1, **FAST)
+    finally:
+        torch.set_num_threads(before)
