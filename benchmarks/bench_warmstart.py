@@ -6,7 +6,7 @@ against cold, plain against accelerated, on the scores of a real run.
 
 Every time the loop relabels, its scores are also solved cold (no ``init``) and plain
 (``acceleration="none"``), warm and cold; the training itself uses the warm accelerated
-solve as always, so the run is the one ``selflabel train`` makes. Prints a markdown table
+solve as always, so the run is the one ``selflabel train --threads 1`` makes. Prints a markdown table
 and writes JSON to benchmarks/results/.
 """
 
@@ -50,8 +50,9 @@ def main() -> None:
     loop.sinkhorn_knopp = measured
     try:
         with tempfile.TemporaryDirectory() as out:
+            # one thread: the run (and so every count below) repeats whatever the load
             loop.train(method="sela", data="digits", epochs=args.epochs, seed=args.seed, out=out, progress=False,
-                       tensorboard=False)
+                       tensorboard=False, threads=1)
     finally:
         loop.sinkhorn_knopp = solve
     names = ["warm, accelerated", "cold, accelerated", "warm, plain", "cold, plain"]

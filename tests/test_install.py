@@ -22,8 +22,8 @@ import pytest
 import selflabel
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = {"train": {"scikit-learn", "scipy", "tensorboard"}, "bench": {"matplotlib", "POT"}, "gpu": {"triton"},
-          "vision": {"torchvision"}}
+EXTRAS = {"train": {"scikit-learn", "scipy", "tensorboard", "threadpoolctl"}, "bench": {"matplotlib", "POT"},
+          "gpu": {"triton"}, "vision": {"torchvision"}}
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
