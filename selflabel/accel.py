@@ -155,7 +155,7 @@ class Relaxation:
         first = self.lam == 0.0 and w == 1.0
         agree = previous is not None and abs(estimate - previous) <= 0.25 * (1.0 - min(estimate, previous))
         if first or agree:
-            self.lam = estimate if previous is None or first else min(estimate, previous)
+            self.lam = estimate if first else min(estimate, previous)
         elif estimate > self.lam:  # one window may raise the estimate: 1 - lam shrinks at most fourfold
             self.lam = min(estimate, 1.0 - 0.25 * (1.0 - self.lam))
         else:

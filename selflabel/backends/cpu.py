@@ -57,7 +57,7 @@ class WorkerCount:
         done = sum(len(self.recent.get(t, ())) for t in options)
         if done < 4:  # the warm-up: many, 1, many, 1
             return options[done % 2]
-        best = min(options, key=self.typical)
+        best = self.faster(many)
         if best != self.best:
             self.best, self.interval, self.since = best, 16, 0
         self.since += 1
@@ -66,6 +66,10 @@ class WorkerCount:
             self.exploring = options[1 - options.index(best)]
             return self.exploring
         return best
+
+    def faster(self, many: int) -> int:
+        """``many`` or one, whichever the recent passes measured faster (``many`` before any)."""
+        return min((many, 1), key=self.typical)
 
     def typical(self, threads: int) -> float:
         """The median of the last five passes on ``threads`` (inf before any)."""

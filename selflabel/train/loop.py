@@ -186,7 +186,7 @@ class StepThreads:
 
     def best(self) -> None:
         """Set the count measured faster (``threads`` when fixed) for work outside the steps."""
-        self._set(self.many if self.count is None else min((self.many, 1), key=self.count.typical))
+        self._set(self.many if self.count is None else self.count.faster(self.many))
 
     def close(self) -> None:
         torch.set_num_threads(self.restore)
