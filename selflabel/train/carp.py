@@ -19,11 +19,17 @@ import torch
 import torch.distributed as dist
 
 
-def random_blocks(k: int, block_size: int, gen: torch.Generator) -> torch.Tensor:
-    """Shuffle ``range(k)`` and cut it into ``k // block_size`` blocks: (NP, NB) long tensor."""
+def random_blocks(k: int, block_size: int, gen: torch.Generator, n_blocks: int | None = None) -> torch.Tensor:
+    """Shuffle ``range(k)`` and cut the first ``n_blocks * block_size`` into blocks: (NP, NB) long tensor.
+
+    ``n_blocks`` defaults to ``k // block_size`` (every prototype in a block, up to the remainder);
+    fewer blocks leave a random rest of the prototypes out of this step's tasks.
+    """
     if not 1 < block_size <= k:
         raise ValueError(f"--carp-block must be in [2, ncl={k}], got {block_size}")
-    n_blocks = k // block_size
+    n_blocks = k // block_size if n_blocks is None else n_blocks
+    if not 1 <= n_blocks <= k // block_size:
+        raise ValueError(f"--carp-blocks must be in [1, ncl // carp_block = {k // block_size}], got {n_blocks}")
     return torch.randperm(k, generator=gen)[: n_blocks * block_size].view(n_blocks, block_size)
 
 

@@ -121,6 +121,21 @@ def load_image_set(spec: str, image_size: int | None = None) -> ImageSet:
     return ImageSet(name, lambda i: resize(ds[i][0]), targets.astype(np.int64), classes, size, 3)
 
 
+def split_images(images: ImageSet, holdout: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(training, held-out) parts of ``images``: ``holdout`` of each class, drawn with ``seed``, is held out."""
+    rng = np.random.default_rng(seed)
+    held = np.sort(np.concatenate([rng.permutation(np.flatnonzero(images.targets == c))[
+        : int(round(holdout * (images.targets == c).sum()))] for c in np.unique(images.targets)]))
+    kept = np.setdiff1d(np.arange(len(images)), held)
+
+    def part(idx: np.ndarray) -> ImageSet:
+        pixels = None if images.pixels is None else images.pixels[torch.from_numpy(idx)]
+        return ImageSet(images.name, lambda i: images.get(int(idx[i])), images.targets[idx],
+                        images.num_classes, images.image_size, images.channels, pixels=pixels)
+
+    return part(kept), part(held)
+
+
 def random_affine(img: torch.Tensor, gen: torch.Generator, *, scale: tuple[float, float], rotate: float,
                   translate: float, flip: bool = False) -> torch.Tensor:
     """A random crop-and-warp of one image (C, H, W) to the same size, drawn from ``gen``.

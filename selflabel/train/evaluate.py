@@ -1,6 +1,13 @@
-"""Evaluation against ground-truth classes: clustering scores, kNN and a linear probe.
+"""Evaluation against ground-truth classes: clustering scores, k-means on features, kNN and a linear probe.
 
-Everything here is scikit-learn and scipy; large sets are subsampled to ``max_samples``.
+Everything here is scikit-learn and scipy, except k-means on the learned features, which uses faiss
+when ``faiss-cpu`` is installed (each result names the library); large sets are subsampled to
+``max_samples``.
+
+Two accuracies score a clustering: Hungarian (``acc``: the best one-to-one matching of clusters to
+classes; with more clusters than classes the unmatched clusters count as wrong) and many-to-one
+(``m2o_acc``: every cluster takes the class most of its members have, so several clusters may share
+a class; the usual score of over-clustering, equal to or above ``acc``).
 """
 
 from __future__ import annotations
@@ -25,11 +32,73 @@ def cluster_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(counts[rows, cols].sum() / truth.size)
 
 
+def majority_classes(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """(k,) the class most members of each cluster have (-1 for an empty cluster)."""
+    counts = np.zeros((k, truth.max() + 1), dtype=np.int64)
+    np.add.at(counts, (pred, truth), 1)
+    return np.where(counts.sum(1) > 0, counts.argmax(1), -1)
+
+
+def many_to_one_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Accuracy when every cluster is read as the class most of its members have."""
+    truth, pred = np.asarray(truth), np.asarray(pred)
+    return float((majority_classes(truth, pred, pred.max() + 1)[pred] == truth).mean())
+
+
 def cluster_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """NMI, ARI and Hungarian accuracy of a clustering ``pred`` against classes ``truth``."""
+    """NMI, ARI, Hungarian and many-to-one accuracy of a clustering ``pred`` against classes ``truth``."""
     return {"nmi": float(normalized_mutual_info_score(truth, pred)),
             "ari": float(adjusted_rand_score(truth, pred)),
-            "acc": cluster_accuracy(truth, pred)}
+            "acc": cluster_accuracy(truth, pred), "m2o_acc": many_to_one_accuracy(truth, pred),
+            "clusters": int(np.unique(pred).size)}
+
+
+def heldout_scores(train_truth: np.ndarray, train_pred: np.ndarray, held_truth: np.ndarray,
+                   held_pred: np.ndarray, k: int) -> dict[str, float]:
+    """Clusters of held-out samples (assigned by a model fitted on the training ones) against their classes.
+
+    NMI and ARI as ``cluster_scores``; ``m2o_acc`` reads each cluster as the majority class of the
+    *training* samples in it (a held-out sample in a cluster no training sample fell in counts as wrong),
+    so no held-out class is used to score the held-out assignment.
+    """
+    mapping = majority_classes(train_truth, train_pred, k)
+    return {"nmi": float(normalized_mutual_info_score(held_truth, held_pred)),
+            "ari": float(adjusted_rand_score(held_truth, held_pred)),
+            "m2o_acc": float((mapping[held_pred] == held_truth).mean()), "samples": int(held_truth.size)}
+
+
+def _kmeans_fit(x: np.ndarray, k: int, seed: int, n_init: int = 10):
+    """(centroids (k, D), library): faiss's k-means when installed, else scikit-learn's."""
+    try:
+        import faiss
+    except ImportError:
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+        return km.cluster_centers_.astype(np.float32), "scikit-learn"
+    km = faiss.Kmeans(x.shape[1], k, niter=50, nredo=n_init, seed=seed, verbose=False)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return km.centroids, f"faiss {faiss.__version__}"
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    d = (x**2).sum(1, keepdims=True) - 2 * x @ centroids.T + (centroids**2).sum(1)
+    return d.argmin(1)
+
+
+def kmeans_features(feats: np.ndarray, truth: np.ndarray, k: int, *, seed: int = 0,
+                    held_feats: np.ndarray | None = None, held_truth: np.ndarray | None = None) -> dict:
+    """k-means (k clusters, 10 restarts) on L2-normalised features (N, D), scored against ``truth``;
+    with ``held_feats``, held-out samples go to their nearest centroid and are scored too."""
+    def unit(a: np.ndarray) -> np.ndarray:
+        a = a.reshape(len(a), -1).astype(np.float32)
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    x = unit(feats)
+    centroids, library = _kmeans_fit(x, k, seed)
+    pred = _nearest(x, centroids)
+    out: dict = {**cluster_scores(truth, pred), "library": library}
+    if held_feats is not None and held_truth is not None and len(held_truth):
+        out["heldout"] = heldout_scores(truth, pred, held_truth, _nearest(unit(held_feats), centroids), k)
+    return out
 
 
 def _subsample(n: int, max_samples: int, seed: int) -> np.ndarray:

@@ -41,8 +41,8 @@ from ..solver import sinkhorn_knopp
 from ..source import parse_bytes
 from ..store import ScoreStore
 from .carp import carp_loss, random_blocks
-from .data import ImageSet, ViewDataset, Views, load_image_set
-from .evaluate import cluster_scores, kmeans_scores, probe_scores
+from .data import ImageSet, ViewDataset, Views, load_image_set, split_images
+from .evaluate import cluster_scores, heldout_scores, kmeans_features, kmeans_scores, probe_scores
 from .models import CarpHead, Network, SelaHeads, build_backbone
 from .sela import swapped_cross_entropy
 
@@ -77,6 +77,8 @@ class TrainConfig:
     implicit: bool = False  # SeLa: label from features x head weights, never storing N x K scores
     memory_budget: str | None = None  # SeLa: aggregate scores on disk and stream them within this budget
     carp_block: int | None = None  # CARP: prototypes per random block (NB)
+    carp_blocks: int | None = None  # CARP: random blocks per step (NP; default ncl // carp_block, all prototypes)
+    holdout: float = 0.0  # fraction of the images kept out of training, to score the learned clusters on
     carp_local: int | None = None  # CARP: local views besides the two global ones
     carp_momentum: float | None = None  # CARP: EMA teacher momentum at the start (cosine to 1)
     stop_after: int | None = None  # stop after this epoch (split a run; --resume continues it)
@@ -153,6 +155,9 @@ def _check_numbers(cfg: TrainConfig) -> None:
         ("lamb", finite(cfg.lamb) and cfg.lamb > 0, "a finite number > 0"),
         ("carp_block", 2 <= cfg.carp_block <= cfg.ncl,
          f"in [2, ncl={cfg.ncl}] (a softmax over one prototype is constant)"),
+        ("carp_blocks", cfg.carp_blocks is None or 1 <= cfg.carp_blocks <= cfg.ncl // max(cfg.carp_block, 1),
+         f"in [1, ncl // carp_block = {cfg.ncl // max(cfg.carp_block, 1)}] (blocks of distinct prototypes)"),
+        ("holdout", finite(cfg.holdout) and 0 <= cfg.holdout <= 0.5, "in [0, 0.5] (a fraction of the images)"),
         ("carp_local", cfg.carp_local is None or cfg.carp_local >= 0, "at least 0"),
         ("carp_momentum", cfg.carp_momentum is None or (finite(cfg.carp_momentum) and 0 <= cfg.carp_momentum < 1),
          "in [0, 1)"),
@@ -379,12 +384,26 @@ def _load_checkpoint(path: str, cfg: TrainConfig) -> dict[str, Any]:
     return ckpt
 
 
-def _evaluate(net: Network, images: ImageSet, cfg: TrainConfig, labels: torch.Tensor) -> dict[str, dict[str, float]]:
+def _evaluate(net: Network, images: ImageSet, cfg: TrainConfig, labels: torch.Tensor,
+              held: ImageSet | None = None) -> dict[str, dict]:
+    """Scores of the final labels, the network's argmax, k-means on its features and probes, against the
+    classes; k-means on pixels as the baseline; with ``held``, how the clusters learned on the training
+    images (argmax of the head, k-means centroids) assign the held-out ones."""
     feats, scores = _aggregate(net, images, np.arange(len(images)), 4 * cfg.batch_size, scores=True)
-    truth = images.targets
-    res = {"labels": cluster_scores(truth, labels[0].numpy()),
-           "argmax": cluster_scores(truth, scores[0].argmax(-1).cpu().numpy()),
-           "features": probe_scores(feats.cpu().numpy(), truth, seed=cfg.seed)}
+    truth, argmax = images.targets, scores[0].argmax(-1).cpu().numpy()
+    held_feats = held_argmax = None
+    if held is not None:
+        held_feats, held_scores = _aggregate(net, held, np.arange(len(held)), 4 * cfg.batch_size, scores=True)
+        held_argmax = held_scores[0].argmax(-1).cpu().numpy()
+        held_feats = held_feats.cpu().numpy()
+    res: dict[str, dict] = {
+        "labels": cluster_scores(truth, labels[0].numpy()),
+        "argmax": cluster_scores(truth, argmax),
+        "kmeans_features": kmeans_features(feats.cpu().numpy(), truth, images.num_classes, seed=cfg.seed,
+                                           held_feats=held_feats, held_truth=None if held is None else held.targets),
+        "features": probe_scores(feats.cpu().numpy(), truth, seed=cfg.seed)}
+    if held is not None:
+        res["argmax"]["heldout"] = heldout_scores(truth, argmax, held.targets, held_argmax, cfg.ncl)
     if images.pixels is not None or len(images) <= 20_000:
         pixels = images.pixels
         if pixels is None:
@@ -393,9 +412,27 @@ def _evaluate(net: Network, images: ImageSet, cfg: TrainConfig, labels: torch.Te
     return res
 
 
-def _summary(metrics: dict[str, dict[str, float]]) -> str:
-    lab, base = metrics["labels"], metrics.get("kmeans_pixels")
+def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of the nested metrics as ``a/b_c`` scalars (library names and other text left out)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}_"))
+        elif isinstance(value, (int, float)):
+            out[prefix + key] = float(value)
+    return out
+
+
+def _summary(metrics: dict[str, dict]) -> str:
+    lab, base, km = metrics["labels"], metrics.get("kmeans_pixels"), metrics["kmeans_features"]
     line = f"NMI {lab['nmi']:.3f} ARI {lab['ari']:.3f} acc {lab['acc']:.3f}"
+    if lab["clusters"] > km["clusters"]:  # over-clustering: Hungarian accuracy leaves clusters unmatched
+        line += f" many-to-one acc {lab['m2o_acc']:.3f} ({lab['clusters']} clusters)"
+    line += f" | k-means on features ({km['library']}): NMI {km['nmi']:.3f} acc {km['acc']:.3f}"
+    if "heldout" in km:
+        proto = metrics["argmax"]["heldout"]
+        line += (f" | held-out {km['heldout']['samples']}: k-means NMI {km['heldout']['nmi']:.3f}, head argmax "
+                 f"NMI {proto['nmi']:.3f} many-to-one acc {proto['m2o_acc']:.3f}")
     if base:
         line += f" | k-means on pixels: NMI {base['nmi']:.3f} ARI {base['ari']:.3f} acc {base['acc']:.3f}"
     feats = metrics["features"]
@@ -420,6 +457,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     cfg = replace(config or TrainConfig(), **overrides)
     images = load_image_set(cfg.data)
     cfg = _resolve(cfg, images)
+    images, held = split_images(images, cfg.holdout, cfg.seed) if cfg.holdout else (images, None)
     rank, world = _world()
     main = rank == 0
     device = _device(cfg.device)
@@ -513,7 +551,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
                     with torch.no_grad():
                         teacher_out = list(teacher(torch.cat(views[:2])).chunk(2))
                     gen = torch.Generator().manual_seed(cfg.seed + 104729 * step)
-                    blocks = random_blocks(cfg.ncl, cfg.carp_block, gen)
+                    blocks = random_blocks(cfg.ncl, cfg.carp_block, gen, cfg.carp_blocks)
                     consistency, entropy = carp_loss(student, teacher_out, blocks)
                     loss = consistency + entropy
                     parts = {"train/consistency": consistency.item(), "train/entropy": entropy.item()}
@@ -568,11 +606,10 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
         if finished and cfg.evaluate and main:
             # scikit-learn's BLAS and OpenMP pools do not follow torch's count: hold them to it
             with threadpool_limits(limits=torch.get_num_threads()):
-                metrics = _evaluate(net, images, cfg, labels)
+                metrics = _evaluate(net, images, cfg, labels, held)
             save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "metrics": metrics,
                                                               "history": history})
-            for name, scores in metrics.items():
-                log({f"final/{name}_{k}": v for k, v in scores.items()}, step)
+            log({f"final/{k}": v for k, v in _flat(metrics).items()}, step)
             print(f"{cfg.method} on {cfg.data} ({cfg.arch}, K={cfg.ncl}, {cfg.epochs} epochs, "
                   f"{time.perf_counter() - t0:.0f}s): {_summary(metrics)}", flush=True)
     finally:
