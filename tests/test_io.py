@@ -48,9 +48,10 @@ def test_written_files_follow_umask(tmp_path, umask, want, monkeypatch):
     assert _mode(tmp) == want and os.path.basename(tmp).startswith(".t.")
 
     # checkpoint.pt and metrics.json of a one-epoch run (the evaluation itself is not under test)
-    scores_ = {"nmi": 0.0, "ari": 0.0, "acc": 0.0}
-    monkeypatch.setattr(loop, "_evaluate", lambda *a: {"labels": scores_, "features": {"knn_acc": 0.0,
-                                                                                        "linear_acc": 0.0}})
+    scores_ = {"nmi": 0.0, "ari": 0.0, "acc": 0.0, "m2o_acc": 0.0, "clusters": 10}
+    stub = {"labels": scores_, "kmeans_features": {**scores_, "library": "-"},
+            "features": {"knn_acc": 0.0, "linear_acc": 0.0}}
+    monkeypatch.setattr(loop, "_evaluate", lambda *a: stub)
     run = tmp_path / "run"
     train(out=str(run), epochs=1, nopts=1, batch_size=256, arch="mlp", progress=False, tensorboard=False)
     for name in ("checkpoint.pt", "metrics.json"):

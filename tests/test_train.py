@@ -499,3 +499,18 @@ def test_carp_with_many_prototypes_scores_held_out_images(tmp_path):
         train(method="carp", ncl=60, carp_block=15, carp_blocks=5, out=str(tmp_path), **FAST)
     with pytest.raises(ValueError, match="--holdout must be in"):
         train(method="carp", holdout=0.7, out=str(tmp_path), **FAST)
+
+
+def test_checkpoint_from_before_views_resumes_with_one_view(tmp_path):
+    """A checkpoint of the (H, N)-label era, whose config has no views: resuming asks for --views 1."""
+    opts = dict(epochs=2, nopts=2, batch_size=256, threads=1, **FAST)
+    train(out=str(tmp_path), views=1, stop_after=1, **opts)
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["config"]["views"]
+    ckpt["labels"] = ckpt["labels"][:, 0]
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="--views: checkpoint 1, now 2"):
+        train(out=str(tmp_path), resume=True, **opts)
+    res = train(out=str(tmp_path), resume=True, views=1, **opts)
+    assert res.labels.shape == (3, 1797) and len(res.history) == 2

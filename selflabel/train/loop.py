@@ -374,6 +374,8 @@ def _load_checkpoint(path: str, cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"--resume: {path} is not a selflabel checkpoint (missing {', '.join(missing)}); "
                          "start again without --resume")
     saved, now = ckpt["config"], asdict(cfg)
+    if "views" not in saved and saved.get("method") == "sela":  # written before SeLa had views: it ran one
+        saved = {**saved, "views": 1}
     diff = [f"{_flag(k)}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in now
             if k not in MAY_CHANGE_ON_RESUME and k in saved and saved[k] != now[k]]
     if diff:
