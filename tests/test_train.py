@@ -56,7 +56,7 @@ def test_resume_is_exact(tmp_path, method):
     opts = dict(method=method, epochs=2, nopts=5, batch_size=256, seed=3, threads=torch.get_num_threads(), **FAST)
     full = train(out=str(tmp_path / "full"), **opts)
     first = train(out=str(tmp_path / "split"), stop_after=1, **opts)
-    assert len(first.history) == 1
+    assert len(first.history) == 1 and first.labels.shape == ((3 if method == "sela" else 1), 1797)
     resumed = train(out=str(tmp_path / "split"), resume=True, **opts)
     assert torch.equal(full.labels, resumed.labels)
     for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values(), strict=True):
@@ -454,7 +454,7 @@ def test_kmeans_on_features_finds_separated_clusters(monkeypatch, library):
     x = centres[truth] + rng.normal(size=(300, 16)) * 0.3
     held_truth = np.arange(5).repeat(4)
     held = centres[held_truth] + rng.normal(size=(20, 16)) * 0.3
-    out = kmeans_features(x, truth, 5, seed=0, held_feats=held, held_truth=held_truth)
+    out = kmeans_features(x, truth, 5, seed=2**32 - 1, held_feats=held, held_truth=held_truth)  # --seed's top
     assert out["library"].startswith(library)
     assert out["nmi"] > 0.99 and out["acc"] > 0.99
     assert out["heldout"]["nmi"] > 0.99 and out["heldout"]["m2o_acc"] == 1.0 and out["heldout"]["samples"] == 20
@@ -499,6 +499,10 @@ def test_carp_with_many_prototypes_scores_held_out_images(tmp_path):
         train(method="carp", ncl=60, carp_block=15, carp_blocks=5, out=str(tmp_path), **FAST)
     with pytest.raises(ValueError, match="--holdout must be in"):
         train(method="carp", holdout=0.7, out=str(tmp_path), **FAST)
+    with pytest.raises(ValueError, match="--holdout 0.002 holds out no image"):
+        train(method="carp", holdout=0.002, out=str(tmp_path), **FAST)
+    with pytest.raises(ValueError, match="--carp-blocks applies to CARP"):
+        train(method="sela", carp_blocks=2, out=str(tmp_path), **FAST)
 
 
 def test_checkpoint_from_before_views_resumes_with_one_view(tmp_path):
@@ -512,5 +516,7 @@ def test_checkpoint_from_before_views_resumes_with_one_view(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match="--views: checkpoint 1, now 2"):
         train(out=str(tmp_path), resume=True, **opts)
+    with pytest.raises(ValueError, match="--holdout: checkpoint 0.0, now 0.2"):
+        train(out=str(tmp_path), resume=True, views=1, holdout=0.2, **opts)
     res = train(out=str(tmp_path), resume=True, views=1, **opts)
     assert res.labels.shape == (3, 1797) and len(res.history) == 2

@@ -133,6 +133,10 @@ def split_images(images: ImageSet, holdout: float, seed: int) -> tuple[ImageSet,
         return ImageSet(images.name, lambda i: images.get(int(idx[i])), images.targets[idx],
                         images.num_classes, images.image_size, images.channels, pixels=pixels)
 
+    if held.size == 0:
+        smallest = int(np.bincount(images.targets).min())
+        raise ValueError(f"--holdout {holdout} holds out no image (round({holdout} x images per class) is 0; the "
+                         f"smallest class has {smallest}): use at least {0.5 / smallest:.3g}, or 0 for no held-out set")
     return part(kept), part(held)
 
 

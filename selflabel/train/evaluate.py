@@ -74,7 +74,8 @@ def _kmeans_fit(x: np.ndarray, k: int, seed: int, n_init: int = 10):
     except ImportError:
         km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
         return km.cluster_centers_.astype(np.float32), "scikit-learn"
-    km = faiss.Kmeans(x.shape[1], k, niter=50, nredo=n_init, seed=seed, verbose=False)
+    # faiss keeps the seed in a signed 32-bit int; train's --seed goes up to 2**32 - 1
+    km = faiss.Kmeans(x.shape[1], k, niter=50, nredo=n_init, seed=seed % 2**31, verbose=False)
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     return km.centroids, f"faiss {faiss.__version__}"
 

@@ -131,6 +131,8 @@ def _resolve(cfg: TrainConfig, images: ImageSet) -> TrainConfig:
         raise ValueError("--hc applies to SeLa; CARP has one prototype head")
     if cfg.method == "carp" and cfg.views is not None:
         raise ValueError("--views applies to SeLa; CARP has two global views and --carp-local local ones")
+    if cfg.method == "sela" and cfg.carp_blocks is not None:
+        raise ValueError("--carp-blocks applies to CARP; SeLa has no prototype blocks")
     if cfg.implicit and cfg.memory_budget:
         raise ValueError("--implicit never stores scores; --memory-budget is for stored scores: pick one")
     _check_numbers(cfg)
@@ -374,8 +376,8 @@ def _load_checkpoint(path: str, cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"--resume: {path} is not a selflabel checkpoint (missing {', '.join(missing)}); "
                          "start again without --resume")
     saved, now = ckpt["config"], asdict(cfg)
-    if "views" not in saved and saved.get("method") == "sela":  # written before SeLa had views: it ran one
-        saved = {**saved, "views": 1}
+    # options newer than the checkpoint take the value its run had
+    saved = {"views": 1 if saved.get("method") == "sela" else None, "holdout": 0.0, "carp_blocks": None, **saved}
     diff = [f"{_flag(k)}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in now
             if k not in MAY_CHANGE_ON_RESUME and k in saved and saved[k] != now[k]]
     if diff:
@@ -443,7 +445,10 @@ def _summary(metrics: dict[str, dict]) -> str:
 
 @dataclass
 class TrainResult:
-    """What ``train`` returns: the final network, labels (H, N) and the evaluation (empty if skipped)."""
+    """What ``train`` returns: the final network, labels (H, N) and the evaluation (empty if skipped).
+
+    The labels are those of the unaugmented images at the end of a run; a run stopped by ``stop_after``
+    returns the last training labels of the first view."""
 
     net: Network
     labels: torch.Tensor
@@ -618,5 +623,6 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
         threads.close()
         if writer is not None:
             writer.close()
+    labels = labels[:, 0] if labels.dim() == 3 else labels  # stopped early: the first view's training labels
     return TrainResult(net=net, labels=labels, metrics=metrics, history=history,
                        seconds=time.perf_counter() - t0, config=cfg)
