@@ -124,20 +124,22 @@ def load_image_set(spec: str, image_size: int | None = None) -> ImageSet:
 def split_images(images: ImageSet, holdout: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """(training, held-out) parts of ``images``: ``holdout`` of each class, drawn with ``seed``, is held out."""
     rng = np.random.default_rng(seed)
-    held = np.sort(np.concatenate([rng.permutation(np.flatnonzero(images.targets == c))[
-        : int(round(holdout * (images.targets == c).sum()))] for c in np.unique(images.targets)]))
-    kept = np.setdiff1d(np.arange(len(images)), held)
+    held = []
+    for c in np.unique(images.targets):
+        members = rng.permutation(np.flatnonzero(images.targets == c))
+        held.append(members[: int(round(holdout * len(members)))])
+    held = np.sort(np.concatenate(held))
+    if held.size == 0:
+        smallest = int(np.bincount(images.targets).min())
+        raise ValueError(f"--holdout {holdout} holds out no image (round({holdout} x images per class) is 0; the "
+                         f"smallest class has {smallest}): use at least {0.5 / smallest:.3g}, or 0 for no held-out set")
 
     def part(idx: np.ndarray) -> ImageSet:
         pixels = None if images.pixels is None else images.pixels[torch.from_numpy(idx)]
         return ImageSet(images.name, lambda i: images.get(int(idx[i])), images.targets[idx],
                         images.num_classes, images.image_size, images.channels, pixels=pixels)
 
-    if held.size == 0:
-        smallest = int(np.bincount(images.targets).min())
-        raise ValueError(f"--holdout {holdout} holds out no image (round({holdout} x images per class) is 0; the "
-                         f"smallest class has {smallest}): use at least {0.5 / smallest:.3g}, or 0 for no held-out set")
-    return part(kept), part(held)
+    return part(np.setdiff1d(np.arange(len(images)), held)), part(held)
 
 
 def random_affine(img: torch.Tensor, gen: torch.Generator, *, scale: tuple[float, float], rotate: float,

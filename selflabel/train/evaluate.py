@@ -23,19 +23,24 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 
+def _counts(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """(k, classes) how many members of each cluster have each class."""
+    counts = np.zeros((k, truth.max() + 1), dtype=np.int64)
+    np.add.at(counts, (pred, truth), 1)
+    return counts
+
+
 def cluster_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
     """Accuracy under the best one-to-one matching of clusters to classes (Hungarian)."""
     truth, pred = np.asarray(truth), np.asarray(pred)
-    counts = np.zeros((pred.max() + 1, truth.max() + 1), dtype=np.int64)
-    np.add.at(counts, (pred, truth), 1)
+    counts = _counts(truth, pred, pred.max() + 1)
     rows, cols = linear_sum_assignment(counts, maximize=True)
     return float(counts[rows, cols].sum() / truth.size)
 
 
 def majority_classes(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     """(k,) the class most members of each cluster have (-1 for an empty cluster)."""
-    counts = np.zeros((k, truth.max() + 1), dtype=np.int64)
-    np.add.at(counts, (pred, truth), 1)
+    counts = _counts(truth, pred, k)
     return np.where(counts.sum(1) > 0, counts.argmax(1), -1)
 
 
