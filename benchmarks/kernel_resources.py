@@ -64,7 +64,8 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return self.dtype + "".join(f" {f}" for f, on in self.flags.items() if on is True)
+        return self.dtype + "".join(f" {f}" if on is True else f" {f}={on}" if isinstance(on, str) else ""
+                                    for f, on in self.flags.items())
 
 
 @dataclass
@@ -122,10 +123,10 @@ def kernels() -> list[Kernel]:
     out = []
     sig_scaling = lambda d: {"M": _p(d), "A": _p(d), "U": _p(d), "V": _p(d), "W_PART": _p(d),  # noqa: E731
                              "CHANGE_PART": "*fp64", "NPROG": "i32", "N": "i32", "K": "i32",
-                             "OMEGA": "fp32"}
+                             "OMEGA": "fp64"}
     sig_log = lambda d: {"L": _p(d), "LOG_A": _p(d), "F": _p(d), "G": _p(d), "W_PART": _p(d),  # noqa: E731
                          "MX_PART": _p(d), "CHANGE_PART": "*fp64", "NPROG": "i32", "N": "i32", "K": "i32",
-                         "OMEGA": "fp32"}
+                         "OMEGA": "fp64"}
     for name, mod, fn, sig, arg in [("scaling", scaling, scaling._scaling_resident_kernel, sig_scaling, "M"),
                                     ("logdomain", logdomain, logdomain._log_resident_kernel, sig_log, "L")]:
         out.append(Kernel(
@@ -141,23 +142,26 @@ def kernels() -> list[Kernel]:
     out.append(Kernel(
         "prepare", prepare._prepare_kernel,
         lambda d: {"S": _p(d), "OUT": _p(d), "ROWMAX": _p(d), "ROWSUM": "*fp64", "ROWMIN": "*fp64",
-                   "COLMAX_PART": _p(d), "NPROG": "i32", "N": "i32", "K": "i32", "lamb": "fp32"},
+                   "COLMAX_PART": _p(d), "NPROG": "i32", "N": "i32", "K": "i32", "lamb": "fp64"},
         [Variant(d, k, {"PROBS": p, "EXPONENTIATE": e}) for d in ("fp32", "fp64") for k in _ks("", d)
          for p in (False, True) for e in (False, True)],
         "S", lambda v: prepare.configs_for(ELEM[v.dtype], _vec(v)["VEC"]), lambda v, c: _vec(v), _block_tile))
     out.append(Kernel(
         "labels", labels._labels_kernel,
         lambda d: {"X": _p(d), "COL": _p(d), "OUT": "*i64", "N": "i32", "K": "i32", "ROW_OFFSET": "i64",
-                   "TIE_SLACK": "fp32"},
+                   "TIE_SLACK": "fp64"},
         [Variant(d, k, {"LINEAR": lin}) for d in ("fp32", "fp64") for k in _ks("", d) for lin in (False, True)],
         "X", lambda v: labels.configs_for(ELEM[v.dtype], _vec(v)["VEC"]), lambda v, c: _vec(v), _block_tile))
-    # implicit: features in fp16/bf16/fp32 (tl.dot, fp32 potentials) or fp64 (exact, fp64 potentials),
-    # D = 128 (a multiple of 16, as the JIT specialises it)
+    # implicit: features in fp16/bf16/fp32 (tl.dot, fp32 potentials; fp32 at each input precision
+    # implicit.dot_precision chooses) or fp64 (exact, fp64 potentials), D = 128 (a multiple of 16, as the
+    # JIT specialises it)
     out.append(Kernel(
         "implicit", implicit._implicit_log_pass_kernel, _implicit_sig,
-        [Variant(x, 3000, {"HAS_BIAS": b, "EXACT": x == "fp64"}) for x in ("fp16", "bf16", "fp32", "fp64")
-         for b in (True, False)],
-        "X", lambda v: implicit.configs_for(v.flags["EXACT"]), lambda v, c: {}, None, div16=("D",)))
+        [Variant(x, 3000, {"HAS_BIAS": b, "EXACT": x == "fp64", **p}) for x in ("fp16", "bf16", "fp32", "fp64")
+         for b in (True, False)
+         for p in ([{"PRECISION": q} for q in ("ieee", "tf32x3", "tf32")] if x == "fp32" else [{}])],
+        "X", lambda v: implicit.configs_for(v.flags["EXACT"]),
+        lambda v, c: {} if "PRECISION" in v.flags else {"PRECISION": "tf32"}, None, div16=("D",)))
     ci_flags = {"PROBS": True, "EXPONENTIATE": True, "LINEAR": False, "HAS_BIAS": True}
     for kern in out:  # the CI set: SeLa's K in both dtypes (K = 1000 for the one-read check, odd K for the passes)
         for v in kern.variants:
@@ -172,7 +176,7 @@ def _implicit_sig(x: str) -> dict:
     d = "fp64" if x == "fp64" else "fp32"
     return {"X": _p(x), "W": _p(x), "BIAS": _p(d), "ROWMAX": _p(d), "LOG_A": _p(d), "F": _p(d), "G": _p(d),
             "W_PART": _p(d), "MX_PART": _p(d), "CHANGE_PART": "*fp64", "NPROG": "i32", "N": "i32", "K": "i32",
-            "D": "i32", "lamb": "fp32", "OMEGA": "fp32"}
+            "D": "i32", "lamb": "fp64", "OMEGA": "fp64"}
 
 
 # ---------------------------------------------------------------- PTX: loops and global loads
@@ -416,7 +420,7 @@ def summary_table(rows: list[dict]) -> str:
            "(sm_90a) | compiles: spill / over smem / error |", "|---|---|---|---|---|---|---|"]
     for (kern, dtype), rs in groups.items():
         d = {r["target"]: r for r in rs if r["default"] and r["K"] in (3000, 30000)
-             and set(r["variant"].split()[1:]) - {"EXACT"} == shown.get(kern, set())}
+             and set(r["variant"].split()[1:]) - {"EXACT", "PRECISION=ieee"} == shown.get(kern, set())}
         if not d:
             continue
         any_r = next(iter(d.values()))

@@ -1,9 +1,10 @@
 """Implicit log-domain Sinkhorn iteration: scores recomputed from features and prototypes.
 
 The N x K matrix is never stored. Each score tile ``S = X W^T`` is computed with ``tl.dot``
-(float32 features on tensor cores in TF32, bfloat16/float16 features as they are, float32
-accumulation; float64 features with an exact broadcast-multiply-sum, slow but correct) and
-fused with the log-domain pass of ``kernels/logdomain.py``:
+(bfloat16/float16 features as they are; float32 features at the precision torch's
+``torch.get_float32_matmul_precision()`` asks for, see ``dot_precision``; float32 accumulation;
+float64 features with an exact broadcast-multiply-sum, slow but correct) and fused with the
+log-domain pass of ``kernels/logdomain.py``:
 
     L_ij = lamb * (S_ij + b_j - m_i)                       (m: row maxima of S + b, (N,))
     r_i, s_i = online max / sum-exp of L_ij + g_j over the column tiles
@@ -29,7 +30,7 @@ from ._common import check_tensors, configs, max_programs, relaxed_step
 @triton.jit
 def _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_BIAS: tl.constexpr, EXACT: tl.constexpr):
+                HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, PRECISION: tl.constexpr):
     """lamb * (X[rows] W[cols]^T + b[cols] - m[rows]) as a (BLOCK_N, BLOCK_K) tile in the compute dtype."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float64 if EXACT else tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -40,16 +41,17 @@ def _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
         if EXACT:
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(acc.dtype)[None, :]
-    return lamb * (acc - m[:, None])
+    return tl.full([], lamb, acc.dtype) * (acc - m[:, None])
 
 
 # tl.dot configs (float16 / bfloat16 / float32 features). Of (64, 128) x (64, 128) x (32, 64) x (4, 8 warps),
-# these compile without spills for every dtype on sm_80 and sm_90a; the other twelve spill (most only on
-# sm_80, 128 x 128 on both; up to 1.2 KB). Shared memory stays under both targets' limits for all sixteen
-# (at most 128 KiB on sm_80 and 192 KiB on sm_90a, for 128 x 128 x 64).
+# these compile without spills for every dtype on sm_80 and sm_90a at one TF32 product; the other twelve spill
+# (most only on sm_80, 128 x 128 on both; up to 1.2 KB). float32 in "ieee" or "tf32x3" needs more registers:
+# two of the four spill on sm_90a (24 to 72 bytes); the autotuner times all four. Shared memory stays under
+# both targets' limits for all sixteen (at most 128 KiB on sm_80 and 192 KiB on sm_90a, for 128 x 128 x 64).
 GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": 32}, num_warps=w)
                for bn, bk, w in ((64, 64, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8))]
 # float64 (EXACT) multiplies a (BLOCK_N, BLOCK_K, BLOCK_D) broadcast product in registers: the tl.dot tiles
@@ -72,18 +74,19 @@ def _prune(cfgs, nargs, **kwargs):
 
 @triton.autotune(
     configs=configs(GPU_CONFIGS + EXACT_CONFIGS, {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}),
-    key=["K", "D", "EXACT"],
+    key=["K", "D", "EXACT", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["W_PART", "CHANGE_PART"],
     restore_value=["F", "MX_PART"],
 )
 @triton.jit
-def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, D, lamb,
-                              OMEGA,
-                              HAS_BIAS: tl.constexpr, EXACT: tl.constexpr,
+def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, D,
+                              lamb: tl.float64, OMEGA: tl.float64,
+                              HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, PRECISION: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     dt = F.dtype.element_ty
+    omega = tl.full([], OMEGA, dt)  # OMEGA arrives in float64; the relaxation runs in dt
     poff = pid.to(tl.int64) * K
     cols0 = tl.arange(0, BLOCK_K)
     change = tl.zeros([BLOCK_N], tl.float64)
@@ -97,7 +100,7 @@ def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, 
             cols = k0 + cols0
             cmask = cols < K
             x = _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
-                            BLOCK_N, BLOCK_K, BLOCK_D, HAS_BIAS, EXACT).to(dt)
+                            BLOCK_N, BLOCK_K, BLOCK_D, HAS_BIAS, EXACT, PRECISION).to(dt)
             g = tl.load(G + cols, mask=cmask, other=0.0)
             z = tl.where(cmask[None, :], x + g[None, :], float("-inf"))
             r_new = tl.maximum(r, tl.max(z, axis=1))
@@ -106,8 +109,8 @@ def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, 
         log_alpha = tl.load(LOG_A + rows, mask=rmask, other=0.0) - tl.log(s)
         f_new = log_alpha - r
         f_old = tl.load(F + rows, mask=rmask, other=0.0)
-        if OMEGA != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
-            f_new = f_old + relaxed_step(f_new - f_old, OMEGA)
+        if omega != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
+            f_new = f_old + relaxed_step(f_new - f_old, omega)
             log_alpha = f_new + r
         change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
         tl.store(F + rows, f_new, mask=rmask)
@@ -117,7 +120,7 @@ def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, 
             cols = k0 + cols0
             cmask = cols < K
             x = _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
-                            BLOCK_N, BLOCK_K, BLOCK_D, HAS_BIAS, EXACT).to(dt)
+                            BLOCK_N, BLOCK_K, BLOCK_D, HAS_BIAS, EXACT, PRECISION).to(dt)
             z = x + tl.load(G + cols, mask=cmask, other=0.0)[None, :]
             w = tl.sum(alpha[:, None] * tl.exp(z - r[:, None]), axis=0)
             mx = tl.max(z + shift[:, None], axis=0)
@@ -125,6 +128,16 @@ def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, 
             old = tl.load(MX_PART + poff + cols, mask=cmask, other=float("-inf"))
             tl.store(MX_PART + poff + cols, tl.maximum(old, mx), mask=cmask)
     tl.store(CHANGE_PART + pid, tl.sum(change, axis=0))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for features of ``dtype``. float32 follows
+    ``torch.get_float32_matmul_precision()``: "highest" (torch's default) multiplies in float32
+    ("ieee"), "high" in three TF32 products ("tf32x3", close to float32), "medium" in one ("tf32",
+    a 10-bit mantissa: scores off by ~1e-3 relative). Other dtypes multiply as they are."""
+    if dtype != torch.float32:
+        return "tf32"  # not read for float16/bfloat16 operands
+    return {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")
 
 
 def implicit_log_pass(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lamb: float, rowmax: torch.Tensor,
@@ -148,7 +161,7 @@ def implicit_log_pass(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     exact = x.dtype == torch.float64
     _implicit_log_pass_kernel[(P,)](x, w, bias if bias is not None else w, rowmax, log_a, f, g, w_part, mx_part,
                                     change_part, P, N, K, D, float(lamb), float(omega), HAS_BIAS=bias is not None,
-                                    EXACT=exact)
+                                    EXACT=exact, PRECISION=dot_precision(x.dtype))
     total = w_part.sum(0)
     tiny = torch.finfo(f.dtype).tiny * 1e8
     return torch.where(total > tiny, torch.log(total), mx_part.amax(0)), change_part.sum()

@@ -50,7 +50,7 @@ def configs_for(element_size: int, vec: int) -> list[triton.Config]:
     prune_configs_by={"early_config_prune": prune_by_vec(configs_for, "X")},
 )
 @triton.jit
-def _labels_kernel(X, COL, OUT, N, K, ROW_OFFSET, TIE_SLACK, VEC: tl.constexpr, LINEAR: tl.constexpr,
+def _labels_kernel(X, COL, OUT, N, K, ROW_OFFSET, TIE_SLACK: tl.float64, VEC: tl.constexpr, LINEAR: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -67,7 +67,8 @@ def _labels_kernel(X, COL, OUT, N, K, ROW_OFFSET, TIE_SLACK, VEC: tl.constexpr, 
         val = _tile_values(X, COL, roff, h * KS, cols, rmask, KS, LINEAR)
         best = tl.maximum(best, tl.max(val, axis=1))
     # pass 2: the tied value nearest after the row's start column (the tile is still in cache)
-    floor = best - TIE_SLACK * best if LINEAR else best - TIE_SLACK * tl.maximum(tl.abs(best), 1.0)
+    slack = tl.full([], TIE_SLACK, dt)
+    floor = best - slack * best if LINEAR else best - slack * tl.maximum(tl.abs(best), 1.0)
     start = ((ROW_OFFSET + rows.to(tl.int64)) % K).to(tl.int32)
     dist = tl.zeros([BLOCK_N], tl.int32) + K  # (j - start) mod K of the first tie
     for k0 in range(0, KS, BLOCK_K):

@@ -34,10 +34,12 @@ from .scaling import RESIDENT_CONFIGS, prune_resident, resident, resident_block_
 # and float64 on sm_80 and sm_90a when rows start on 8- or 16-byte boundaries; pruned for spilling: 16 x 256
 # at 4 warps, 16 x 512, 32 x 128 at 4 warps, 32 x 256, 32 x 512.
 GPU_CONFIGS = tiles((16, 128, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8))
-# Narrower loads (odd K; K = 2 mod 4 in float32) spill elsewhere: odd K in float32 at 16 x 128 / 8 warps
-# (8 B, sm_80), in float64 at 16 x 128 / 4 warps, 16 x 256 and 32 x 128 (48-424 B); float32 with 8-byte
-# loads at 16 x 256 and 32 x 128 (8-16 B). Keyed by (element size, VEC).
-NARROW_CONFIGS = {(4, 1): GPU_CONFIGS[1:], (8, 1): GPU_CONFIGS[:1], (4, 2): GPU_CONFIGS[:2]}
+# Other load widths spill elsewhere: float32 in 16-byte loads at 16 x 128 / 4 warps (4 B, sm_80, with the
+# over-relaxed update); odd K in float32 at 16 x 128 / 8 warps (8 B, sm_80), in float64 at 16 x 128 / 4
+# warps, 16 x 256 and 32 x 128 (48-424 B); float32 with 8-byte loads at 16 x 128 / 4 warps, 16 x 256 and
+# 32 x 128 (8-24 B). Keyed by (element size, VEC).
+NARROW_CONFIGS = {(4, 4): [GPU_CONFIGS[0], *GPU_CONFIGS[2:]], (4, 1): GPU_CONFIGS[1:], (8, 1): GPU_CONFIGS[:1],
+                  (4, 2): GPU_CONFIGS[:1]}
 
 
 def stream_configs(element_size: int, vec: int) -> list[triton.Config]:
@@ -54,11 +56,12 @@ def stream_configs(element_size: int, vec: int) -> list[triton.Config]:
 @triton.heuristics({"BLOCK_N": lambda a: resident_block_n(a["THREAD_BYTES"], a["num_warps"], a["K_PAD"],
                                                           a["L"].element_size(), a["VEC"])})
 @triton.jit
-def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, OMEGA, VEC: tl.constexpr,
-                         K_PAD: tl.constexpr, THREAD_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
+def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, OMEGA: tl.float64,
+                         VEC: tl.constexpr, K_PAD: tl.constexpr, THREAD_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     dt = L.dtype.element_ty
+    omega = tl.full([], OMEGA, dt)  # OMEGA arrives in float64; the relaxation runs in dt
     KS = (K // VEC) * VEC  # == K: every row starts on a VEC boundary (vector loads)
     base = h.to(tl.int64) * N * KS
     frow = h.to(tl.int64) * N
@@ -79,8 +82,8 @@ def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N,
         log_alpha = tl.load(LOG_A + rows, mask=rmask, other=0.0) - tl.log(tl.sum(e, axis=1))
         f_new = log_alpha - r
         f_old = tl.load(F + frow + rows, mask=rmask, other=0.0)
-        if OMEGA != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
-            f_new = f_old + relaxed_step(f_new - f_old, OMEGA)
+        if omega != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
+            f_new = f_old + relaxed_step(f_new - f_old, omega)
             log_alpha = f_new + r
         change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
         tl.store(F + frow + rows, f_new, mask=rmask)
@@ -102,11 +105,12 @@ def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N,
     restore_value=["F", "MX_PART"],
 )
 @triton.jit
-def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, OMEGA, VEC: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K, OMEGA: tl.float64,
+                       VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     dt = L.dtype.element_ty
+    omega = tl.full([], OMEGA, dt)  # OMEGA arrives in float64; the relaxation runs in dt
     KS = (K // VEC) * VEC  # == K: every row starts on a VEC boundary (vector loads)
     base = h.to(tl.int64) * N * KS
     frow = h.to(tl.int64) * N
@@ -133,8 +137,8 @@ def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K
         log_alpha = log_a - tl.log(s)
         f_new = log_alpha - r
         f_old = tl.load(F + frow + rows, mask=rmask, other=0.0)
-        if OMEGA != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
-            f_new = f_old + relaxed_step(f_new - f_old, OMEGA)
+        if omega != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
+            f_new = f_old + relaxed_step(f_new - f_old, omega)
             log_alpha = f_new + r
         change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
         tl.store(F + frow + rows, f_new, mask=rmask)

@@ -47,7 +47,7 @@ def configs_for(element_size: int, vec: int) -> list[triton.Config]:
     prune_configs_by={"early_config_prune": prune_by_vec(configs_for, "S")},
 )
 @triton.jit
-def _prepare_kernel(S, OUT, ROWMAX, ROWSUM, ROWMIN, COLMAX_PART, NPROG, N, K, lamb, VEC: tl.constexpr,
+def _prepare_kernel(S, OUT, ROWMAX, ROWSUM, ROWMIN, COLMAX_PART, NPROG, N, K, lamb: tl.float64, VEC: tl.constexpr,
                     PROBS: tl.constexpr, EXPONENTIATE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -84,7 +84,7 @@ def _prepare_kernel(S, OUT, ROWMAX, ROWSUM, ROWMIN, COLMAX_PART, NPROG, N, K, la
             mask = rmask[:, None] & cmask[None, :]
             x = tl.load(S + roff + cols[None, :], mask=mask, other=1.0)
             lx = tl.log(x) if PROBS else x
-            o = tl.where(ok[:, None], lamb * (lx - m_safe[:, None]), 0.0)
+            o = tl.where(ok[:, None], tl.full([], lamb, dt) * (lx - m_safe[:, None]), 0.0)
             part = COLMAX_PART + (h * NPROG + pid).to(tl.int64) * KS + cols
             cm = tl.max(tl.where(mask, o, float("-inf")), axis=0)
             tl.store(part, tl.maximum(tl.load(part, mask=cmask, other=float("-inf")), cm), mask=cmask)

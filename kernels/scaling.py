@@ -49,14 +49,19 @@ RESIDENT_BYTES = 256 if INTERPRET else 32 * 1024
 # pass spilled there. Configs where one row alone exceeds the budget are pruned.
 RESIDENT_CONFIGS = gpu_configs([{"THREAD_BYTES": 128}, {"THREAD_BYTES": 64}], warps=(8, 4))
 # Streaming kernel (rows longer than RESIDENT_BYTES): BLOCK_N x BLOCK_K tiles. Of (16, 32, 64) x (128, 256,
-# 512) x (4, 8 warps), the configs below compile without spills in float32 and float64 on sm_80 and sm_90a;
-# pruned for spilling: 16 x 512 at 8 warps, 32 x 256 and 32 x 512, 64 x 128 at 4 warps, 64 x 256 and 64 x 512.
-GPU_CONFIGS = tiles((16, 128, 8), (16, 128, 4), (16, 256, 8), (16, 256, 4), (16, 512, 4), (32, 128, 8),
-                    (32, 128, 4), (64, 128, 8))
-# Rows that start on 4- or 8-byte boundaries only (odd K; K = 2 mod 4 in float32) are read in narrower loads
-# and spill elsewhere: odd K at 32 x 128 / 4 warps and 64 x 128 (160-1280 B); float32 with 8-byte loads at
-# 16 x 128 / 8 warps, 16 x 256 and 32 x 128 / 8 warps (4-12 B). Keyed by (element size, VEC).
-NARROW_CONFIGS = {(4, 1): GPU_CONFIGS[:6], (8, 1): GPU_CONFIGS[:6],
+# 512) x (4, 8 warps), these compile without spills with 16-byte loads of float32 on sm_80 and sm_90a (the
+# over-relaxed update included); pruned for spilling: 16 x 256 at 4 warps, 16 x 512 at 8 warps, 32 x 256
+# and 32 x 512, 64 x 128 at 4 warps, 64 x 256 and 64 x 512.
+GPU_CONFIGS = tiles((16, 128, 8), (16, 128, 4), (16, 256, 8), (16, 512, 4), (32, 128, 8), (32, 128, 4),
+                    (64, 128, 8))
+# Other load widths spill elsewhere and keep these (benchmarks/results/kernel-resources.json, K = 30000 to
+# 30002): float64 in 16-byte loads spilled at 16 x 128 and 16 x 512 / 4 warps, 32 x 128 / 4 warps and
+# 64 x 128 (16-276 B); odd K (scalar loads) in float32 at 16 x 128 and 16 x 256 / 4 warps, 16 x 128 / 8
+# warps (4-8 B), in float64 at 16 x 512 / 4 warps and 32 x 128 / 8 warps (20-240 B); float32 in 8-byte
+# loads (K = 2 mod 4) at 16 x 128 / 8 warps, 16 x 256 and 32 x 128 / 8 warps. Keyed by (element size, VEC).
+NARROW_CONFIGS = {(8, 2): tiles((16, 128, 8), (16, 256, 8), (16, 256, 4), (32, 128, 8)),
+                  (4, 1): tiles((16, 256, 8), (16, 512, 4), (32, 128, 8)),
+                  (8, 1): tiles((16, 128, 8), (16, 128, 4), (16, 256, 8), (16, 256, 4)),
                   (4, 2): tiles((16, 128, 4), (16, 512, 4), (32, 128, 4), (64, 128, 8))}
 
 
@@ -108,11 +113,12 @@ def prune_resident(matrix: str):
 @triton.heuristics({"BLOCK_N": lambda a: resident_block_n(a["THREAD_BYTES"], a["num_warps"], a["K_PAD"],
                                                           a["M"].element_size(), a["VEC"])})
 @triton.jit
-def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA, VEC: tl.constexpr,
+def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA: tl.float64, VEC: tl.constexpr,
                              K_PAD: tl.constexpr, THREAD_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     dt = M.dtype.element_ty
+    omega = tl.full([], OMEGA, dt)  # OMEGA arrives in float64; the relaxation runs in dt
     KS = (K // VEC) * VEC  # == K: every row starts on a VEC boundary (vector loads)
     base = h.to(tl.int64) * N * KS
     urow = h.to(tl.int64) * N
@@ -130,8 +136,8 @@ def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA
         a = tl.load(A + rows, mask=rmask, other=1.0)
         u_old = tl.load(U + urow + rows, mask=rmask, other=1.0)
         u = a / tl.where(rmask, t, 1.0)
-        if OMEGA != 1.0:  # over-relaxed
-            u = u_old * tl.exp(relaxed_step(tl.log(u / u_old), OMEGA))
+        if omega != 1.0:  # over-relaxed
+            u = u_old * tl.exp(relaxed_step(tl.log(u / u_old), omega))
         change += tl.where(rmask, tl.abs(u_old.to(tl.float64) / u.to(tl.float64) - 1.0), 0.0)
         tl.store(U + urow + rows, u, mask=rmask)
         acc += tl.sum(m * tl.where(rmask, u, 0.0)[:, None], axis=0)
@@ -147,11 +153,12 @@ def _scaling_resident_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA
     restore_value=["U"],
 )
 @triton.jit
-def _scaling_stream_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA, VEC: tl.constexpr,
+def _scaling_stream_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA: tl.float64, VEC: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     dt = M.dtype.element_ty
+    omega = tl.full([], OMEGA, dt)  # OMEGA arrives in float64; the relaxation runs in dt
     KS = (K // VEC) * VEC  # == K: every row starts on a VEC boundary (vector loads)
     base = h.to(tl.int64) * N * KS
     urow = h.to(tl.int64) * N
@@ -173,8 +180,8 @@ def _scaling_stream_kernel(M, A, U, V, W_PART, CHANGE_PART, NPROG, N, K, OMEGA, 
         a = tl.load(A + rows, mask=rmask, other=1.0)
         u_old = tl.load(U + urow + rows, mask=rmask, other=1.0)
         u = a / tl.where(rmask, t, 1.0)
-        if OMEGA != 1.0:  # over-relaxed
-            u = u_old * tl.exp(relaxed_step(tl.log(u / u_old), OMEGA))
+        if omega != 1.0:  # over-relaxed
+            u = u_old * tl.exp(relaxed_step(tl.log(u / u_old), omega))
         change += tl.where(rmask, tl.abs(u_old.to(tl.float64) / u.to(tl.float64) - 1.0), 0.0)
         tl.store(U + urow + rows, u, mask=rmask)
         u = tl.where(rmask, u, 0.0)

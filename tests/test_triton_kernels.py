@@ -37,9 +37,21 @@ def test_prepare_kernel(shape, dtype, probs, exponentiate):
     s = s.to(dtype)
     got = prepare.prepare(s, 7.5, probs, exponentiate)
     ref = prepare.torch_reference(s, 7.5, probs, exponentiate)
-    for g, r in zip(got, ref, strict=True):
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
         assert g.shape == r.shape
-        assert torch.allclose(g.double(), r.double(), **_tol(dtype))
+        tol = _tol(dtype)
+        if i == 3:  # row sums: K roundings in another order, each up to eps times the largest |score|
+            tol["atol"] = shape[2] * torch.finfo(dtype).eps * float(s.abs().amax())
+        assert torch.allclose(g.double(), r.double(), **tol)
+
+
+def test_prepare_keeps_lamb_in_float64():
+    """lamb reaches the float64 kernels unrounded (a Python float is a float32 kernel argument unless declared)."""
+    s = torch.randn(1, 9, 70, dtype=torch.float64, device=DEV) * 3
+    lamb = 1 / 0.03  # not a float32 number
+    got = prepare.prepare(s, lamb, False, False)[0]
+    ref = prepare.torch_reference(s, lamb, False, False)[0]
+    assert torch.allclose(got, ref, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -148,7 +160,8 @@ if ON_GPU:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("omega", [1.0, 1.7])
-def test_implicit_log_kernel(shape, dtype, with_bias, omega):
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"] if ON_GPU else ["highest"])
+def test_implicit_log_kernel(shape, dtype, with_bias, omega, precision, monkeypatch):
     N, K, D = shape
     gen = torch.Generator(device=DEV).manual_seed(N + K + D)
     x = torch.randn(N, D, dtype=dtype, device=DEV, generator=gen) / D**0.5
@@ -160,12 +173,22 @@ def test_implicit_log_kernel(shape, dtype, with_bias, omega):
     g = torch.randn(K, dtype=dtype, device=DEV, generator=gen)
     f0 = torch.randn(N, dtype=dtype, device=DEV, generator=gen)
     f_k, f_r = f0.clone(), f0.clone()
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
     lw_k, ch_k = implicit.implicit_log_pass(x, w, bias, 5.0, rowmax, log_a, f_k, g, omega)
     lw_r, ch_r = implicit.torch_reference(x, w, bias, 5.0, rowmax, log_a, f_r, g, omega)
-    # float32 on a GPU multiplies in TF32 (10-bit mantissa): scores differ by ~1e-3 relative
-    atol = (2e-3 if ON_GPU else 1e-4) if dtype == torch.float32 else 1e-10
+    # float32 at "medium" multiplies in one TF32 product on a GPU (10-bit mantissa): lamb * scores
+    # differ by ~1e-2; "highest" and "high" multiply in float32 and three TF32 products
+    atol = 1e-10 if dtype == torch.float64 else 5e-2 if ON_GPU and precision == "medium" else 1e-4
     assert torch.allclose(f_k, f_r, atol=atol, rtol=0) and torch.allclose(lw_k, lw_r, atol=4 * atol, rtol=0)
-    assert torch.allclose(ch_k, ch_r, rtol=1e-2 if dtype == torch.float32 else 1e-8)
+    # the change sums |expm1(f_old - f_new)| over N rows: each term moves with its row's error in f
+    assert torch.allclose(ch_k, ch_r, rtol=1e-2 if dtype == torch.float32 else 1e-8, atol=atol * (N + float(ch_r)))
+
+
+def test_dot_precision_follows_torch(monkeypatch):
+    for setting, want in [("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")]:
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda s=setting: s)
+        assert implicit.dot_precision(torch.float32) == want
+    assert implicit.dot_precision(torch.bfloat16) == implicit.dot_precision(torch.float16) == "tf32"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -186,8 +209,8 @@ def test_implicit_solver_matches_materialised(dtype, heads, with_bias):
                             max_iter=500)
     assert res.backend == "triton-implicit" and res.algorithm == "log" and res.converged
     assert res.labels.shape == ref.labels.shape
-    agree = (res.labels == ref.labels).double().mean()
-    assert agree >= (0.995 if dtype == torch.float32 else 1.0)
+    mismatches = int((res.labels != ref.labels).sum())  # a count: a CUDA mean of ones need not be exactly 1.0
+    assert mismatches <= (0.005 * res.labels.numel() if dtype == torch.float32 else 0)
     dv = res.log_v.double() - ref.log_v
     dv = dv - dv.mean(-1, keepdim=True)  # potentials are defined up to a constant
     assert dv.abs().max() <= (5e-3 if dtype == torch.float32 else 1e-6)
