@@ -128,3 +128,49 @@ def test_swav_reads_epsilon_and_iterations_from_args():
     with pytest.warns(UserWarning, match="no epsilon given"):
         got = distributed_sinkhorn(out)
     assert torch.allclose(got.double(), swav_reference(out, 0.05, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("b,k,iters", [(256, 3000, 3), (33, 70, 1), (7, 50, 5)])
+def test_small_batch_torch_path_equals_the_published_loop(b, k, iters):
+    """The plain-torch iterates a GPU runs for small batches (called here on CPU tensors) are the peer's,
+    in float32 and float64, and leave the scores unchanged."""
+    from selflabel.compat import _direct_small
+    from selflabel.distributed import Reducer
+
+    for dtype in (torch.float32, torch.float64):
+        out = _cosines(b, k).to(dtype)
+        before = out.clone()
+        got = _direct_small(out, 20.0, iters, Reducer())
+        assert got.dtype == dtype and torch.equal(out, before)
+        tol = 1e-6 if dtype == torch.float32 else 1e-12
+        assert torch.allclose(got.double(), swav_reference(out, 0.05, iters), atol=tol, rtol=0)
+
+
+def test_small_batch_torch_path_declines_a_wide_spread():
+    from selflabel.compat import FAST_SPREAD, _direct_small
+    from selflabel.distributed import Reducer
+
+    out = torch.randn(64, 40)
+    spread = float(out.amax(1).max() - out.min())
+    assert _direct_small(out, 1.01 * FAST_SPREAD / spread, 3, Reducer()) is None
+    assert _direct_small(out, 0.99 * FAST_SPREAD / spread, 3, Reducer()) is not None
+
+
+@pytest.mark.parametrize("b", [256, 4096])
+def test_swav_on_the_default_device_equals_the_published_loop(b):
+    """On a GPU this is the small-batch torch path (B x K up to SMALL_GPU_ENTRIES), on CPU the fused one."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = _cosines(b, 3000).to(dev)
+    got = distributed_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=3)
+    assert got.device == out.device and got.dtype == torch.float32
+    assert torch.allclose(got.double().cpu(), swav_reference(out.cpu(), 0.05, 3), atol=1e-6, rtol=0)
+
+
+def test_small_batch_torch_path_leaves_nan_and_inf_to_the_checked_path():
+    from selflabel.compat import _direct_small
+    from selflabel.distributed import Reducer
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        out = _cosines(16, 30)
+        out[3, 4] = bad
+        assert _direct_small(out, 20.0, 3, Reducer()) is None
