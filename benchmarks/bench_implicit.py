@@ -7,6 +7,10 @@ its own process so its peak RSS (CPU) or peak allocated GPU memory is its own.
     python benchmarks/bench_implicit.py                         # CPU: N=400k, K=2000, D=64, one head
     python benchmarks/bench_implicit.py --device cuda           # GPU: N=1.28M, K=3000, D=128 and D=2048 x 10 heads
     python benchmarks/bench_implicit.py --n 20000 --k 200 --no-save
+    python benchmarks/bench_implicit.py --device cuda --precision high   # float32 tl.dot in three TF32 products
+
+``--precision`` sets ``torch.set_float32_matmul_precision`` in each run: the implicit kernel's float32
+products follow it (``selflabel.kernels.implicit.dot_precision``), and so does the materialised ``X W^T``.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ def _inputs(n: int, k: int, d: int, heads: int, device: str, dtype: torch.dtype)
     return x, (w[0] if heads == 1 else w)
 
 
-def _child(q, mode, n, k, d, heads, device, iters, dtype):
+def _child(q, mode, n, k, d, heads, device, iters, dtype, precision):
     """In a fresh process: solve ``iters[0]`` then ``iters[1]`` iterations; report times and peak memory."""
     try:
+        torch.set_float32_matmul_precision(precision)
         x, w = _inputs(n, k, d, heads, device, dtype)
         opts = dict(lamb=25.0, tol=0.0, algorithm="log")
 
@@ -70,10 +75,11 @@ def _child(q, mode, n, k, d, heads, device, iters, dtype):
         q.put((None, None, f"{type(exc).__name__}: {str(exc)[:120]}"))
 
 
-def measure(mode: str, n: int, k: int, d: int, heads: int, device: str, dtype: torch.dtype, short: int, long: int):
+def measure(mode: str, n: int, k: int, d: int, heads: int, device: str, dtype: torch.dtype, short: int, long: int,
+            precision: str = "highest"):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, mode, n, k, d, heads, device, (short, long), dtype))
+    p = ctx.Process(target=_child, args=(q, mode, n, k, d, heads, device, (short, long), dtype, precision))
     p.start()
     times, peak, err = q.get()
     p.join()
@@ -92,6 +98,8 @@ def main() -> None:
     ap.add_argument("--d", type=int, nargs="+", default=None)
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--iters", type=int, nargs=2, default=(2, 12), help="the two run lengths to difference")
+    ap.add_argument("--precision", choices=["highest", "high", "medium"], default=torch.get_float32_matmul_precision(),
+                    help="torch.set_float32_matmul_precision for the runs (default: torch's current setting)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     gpu = args.device == "cuda"
@@ -102,13 +110,13 @@ def main() -> None:
     rows = []
     for d in dims:
         for mode in ("implicit", "materialised"):
-            r = measure(mode, n, k, d, heads, args.device, torch.float32, *args.iters)
-            r.update(n=n, k=k, d=d, heads=heads)
+            r = measure(mode, n, k, d, heads, args.device, torch.float32, *args.iters, precision=args.precision)
+            r.update(n=n, k=k, d=d, heads=heads, precision=args.precision)
             rows.append(r)
             shown = (f"{r['s_per_iter'] * 1e3:9.1f} ms/iter  setup {r['setup_s']:6.2f} s  "
                      f"peak {r['peak_bytes'] / 2**20:8.0f} MiB"
                      if "error" not in r else r["error"])
-            print(f"N={n} K={k} D={d} H={heads} {mode:12s} {shown}", flush=True)
+            print(f"N={n} K={k} D={d} H={heads} {args.precision} {mode:12s} {shown}", flush=True)
     materialised_bytes = heads * n * k * 4
     print(f"materialised f32 scores alone: {materialised_bytes / 2**20:.0f} MiB")
     if not args.no_save:

@@ -1,7 +1,7 @@
 """Regenerate README.md's Performance block (between the bench markers) from the
 committed reports in benchmarks/results/: the newest cpu-*.json (bench_cpu.py),
-ooc-*.json (bench_ooc.py), gpu-*.json (bench_gpu.py) and bench-cpu-report.md
-(``selflabel bench``)."""
+ooc-*.json (bench_ooc.py), gpu-*.json (bench_gpu.py), and bench-cpu-report.md and
+bench-cuda-report.md (``selflabel bench`` on each device)."""
 
 from __future__ import annotations
 
@@ -46,21 +46,32 @@ def block() -> str:
                 f"float32 on disk ({d['file_bytes'] / 1e9:.1f} GB), budget {d['budget_bytes'] / 1e9:.1f} GB: "
                 + "; ".join(parts) + f"; peak RSS grew {growth:.0f} MiB while solving.", ""]
     gpu = newest("gpu-*.json")
-    out += [f"GPU: see {os.path.basename(gpu)}." if gpu else
-            "GPU timings (`benchmarks/bench_gpu.py`) are not measured yet.", ""]
-    suite = os.path.join(HERE, "results", "bench-cpu-report.md")
-    if os.path.exists(suite):
+    if gpu:
+        d = json.load(open(gpu))
+        out += [f"One iteration on an {d['device']} (`python benchmarks/bench_gpu.py`, {os.path.basename(gpu)}, "
+                f"torch {d['torch']}, CUDA events over 20 iterations after autotuning; GB/s counts one read of the "
+                "matrix):", "", "| N x K | solver | dtype | ms / iteration | GB/s |", "|---|---|---|---|---|"]
+        out += [f"| {r['n']} x {r['k']} | {r['solver']} | {r['dtype']} | {r['ms_per_iter']:.3f} | {r['GBps']:.0f} |"
+                for r in d["results"]]
+        out += [""]
+    else:
+        out += ["GPU timings (`benchmarks/bench_gpu.py`) are not measured yet.", ""]
+    for device in ("cpu", "cuda"):
+        suite = os.path.join(HERE, "results", f"bench-{device}-report.md")
+        if not os.path.exists(suite):
+            continue
         report = json.load(open(os.path.splitext(suite)[0] + ".json"))
         m = report["machine"]
         sizes = " ".join(f"{e['n']}x{e['k']}" for e in report["sizes"])
-        out += [f"All solvers side by side (`selflabel bench --sizes {sizes}`, bench-cpu-report.json, plots in "
-                f"benchmarks/results/bench-cpu-report_*.png; {m['threads']} threads on {m['cpu']}, torch {m['torch']}, "
-                f"{report['date'][:10]}). "
+        where = (f"{m['threads']} threads on {m['cpu']}" if device == "cpu" else m["gpu"])
+        out += [f"All solvers side by side (`selflabel bench --device {device} --sizes {sizes}`, "
+                f"bench-{device}-report.json, plots in benchmarks/results/bench-{device}-report_*.png; {where}, "
+                f"torch {m['torch']}, {report['date'][:10]}). "
                 "Iterations to tol are the first power of two whose error is below 1e-4. The SwAV/DINOv2 row runs "
                 "in SwAV's own regime (cosine scores, eps = 0.05), an easier problem than lamb = 25 on "
                 "log-probabilities: compare its time per iteration, not its time to tol.", "",
-                open(suite).read().strip()]
-    return "\n".join(out)
+                open(suite).read().strip(), ""]
+    return "\n".join(out).rstrip("\n")
 
 
 def main() -> None:

@@ -72,12 +72,15 @@ def test_metadata(sdist):
     for extra, packages in EXTRAS.items():
         assert extra in meta.get_all("Provides-Extra")
         assert {r.split(";")[0].strip() for r in requires if f'extra == "{extra}"' in r} == packages, extra
-    # the torch lower bound is the torch CI builds and tests against (requirements-dev.txt's pin)
+    # one torch lower bound (setup.py's TORCH_MIN, the oldest torch the tests ran on: the GPU machines'),
+    # in the metadata and the build requirements, and no newer than the torch CI pins
     (bound,) = [r for r in requires if re.match(r"torch\s*[<>=!~]", r)]
+    low = re.search(r'^TORCH_MIN = "(\d+\.\d+)"', (ROOT / "setup.py").read_text(), re.M).group(1)
     pin = re.search(r"^torch==(\d+\.\d+)\.", (ROOT / "requirements-dev.txt").read_text(), re.M).group(1)
-    assert bound == f"torch>={pin}"
+    assert bound == f"torch>={low}"
+    assert tuple(map(int, low.split("."))) <= tuple(map(int, pin.split(".")))
     build_requires = (ROOT / "pyproject.toml").read_text()
-    assert f'"torch>={pin}"' in build_requires.split("[build-system]")[1].split("\n[")[0]
+    assert f'"torch>={low}"' in build_requires.split("[build-system]")[1].split("\n[")[0]
 
 
 def test_build_without_torch_says_what_to_install(tmp_path):
