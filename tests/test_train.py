@@ -460,6 +460,25 @@ def test_kmeans_on_features_finds_separated_clusters(monkeypatch, library):
     assert out["heldout"]["nmi"] > 0.99 and out["heldout"]["m2o_acc"] == 1.0 and out["heldout"]["samples"] == 20
 
 
+def test_kmeans_on_features_fits_a_subsample_and_assigns_every_sample(monkeypatch):
+    import selflabel.train.evaluate as ev
+
+    fitted = []
+    real_fit = ev._kmeans_fit
+    monkeypatch.setattr(ev, "_kmeans_fit", lambda x, k, seed: fitted.append(len(x)) or real_fit(x, k, seed))
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 8)) * 5
+    truth = np.repeat(np.arange(4), 100)
+    x = centres[truth] + rng.normal(size=(400, 8)) * 0.3
+    out = kmeans_features(x, truth, 4, seed=0, max_samples=60)
+    assert fitted == [60] and out["nmi"] > 0.99 and out["acc"] > 0.99  # scored on all 400
+    kmeans_features(x, truth, 4, seed=0)
+    assert fitted[-1] == 400
+    c = rng.normal(size=(6, 8)).astype(np.float32)
+    full = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+    assert np.array_equal(ev._nearest(x.astype(np.float32), c, rows=7), full)
+
+
 def test_carp_random_partitions_use_distinct_prototypes():
     gen = torch.Generator().manual_seed(0)
     blocks = random_blocks(64, 8, gen, 3)
