@@ -13,6 +13,7 @@ softmax over NB prototypes. The loss has two terms, averaged over blocks:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -66,3 +67,35 @@ def carp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
     mean = _gather_batch(torch.cat(p + q, dim=1)).mean(dim=1)  # (NP, NB)
     entropy = (math.log(blocks.shape[1]) + (mean * torch.log(mean.clamp(eps, 1 - eps))).sum(-1)).mean()
     return consistency, entropy
+
+
+class CarpStep:
+    """One CARP training step and its EMA teacher (a frozen copy of the network made at the start).
+
+    ``loss`` runs every view through the student and the two global views through the teacher, and
+    scores them on this step's random prototype blocks (seeded by the run's seed and the step, so
+    every rank draws the same); ``update`` moves the teacher towards the student with a momentum
+    that rises from ``momentum`` to 1 on a cosine schedule over ``total_steps``.
+    """
+
+    def __init__(self, net: torch.nn.Module, *, ncl: int, block: int, n_blocks: int | None, momentum: float,
+                 seed: int, total_steps: int) -> None:
+        self.teacher = copy.deepcopy(net).requires_grad_(False)
+        self.ncl, self.block, self.n_blocks = ncl, block, n_blocks
+        self.momentum, self.seed, self.total_steps = momentum, seed, total_steps
+
+    def loss(self, model: torch.nn.Module, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        student = list(model(torch.cat(views)).chunk(len(views)))
+        with torch.no_grad():
+            teacher = list(self.teacher(torch.cat(views[:2])).chunk(2))
+        gen = torch.Generator().manual_seed(self.seed + 104729 * step)
+        consistency, entropy = carp_loss(student, teacher, random_blocks(self.ncl, self.block, gen, self.n_blocks))
+        return consistency + entropy, {"train/consistency": consistency.item(), "train/entropy": entropy.item()}
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int) -> None:
+        m = 1 - (1 - self.momentum) * (math.cos(math.pi * step / self.total_steps) + 1) / 2
+        for pt, ps in zip(self.teacher.parameters(), net.parameters(), strict=True):
+            pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        for bt, bs in zip(self.teacher.buffers(), net.buffers(), strict=True):
+            bt.copy_(bs)

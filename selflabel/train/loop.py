@@ -1,13 +1,16 @@
 """The thin training loop: SeLa (self-labelling with our Sinkhorn solver) and CARP.
 
-One function, ``train(config)``. Read it top to bottom:
+One function, ``train(config)``: it resolves the options and runs a ``_Run`` (build in its
+constructor, ``epoch`` per epoch, ``finish`` at the end; SeLa's loss is ``sela.swapped_cross_entropy``,
+CARP's step ``carp.CarpStep``). In order:
 
 1. data, network (and CARP's EMA teacher), SGD; resume from ``OUT/checkpoint.pt`` if asked;
 2. per step: SeLa relabels the whole dataset at the quadratically spaced steps
    (``label_schedule``), one balanced solve over ``views`` fresh augmented views of every image,
    and trains each view with cross-entropy on another view's label (``sela.swapped_cross_entropy``),
    averaged over heads;
-   CARP trains its views on random prototype blocks (``carp.carp_loss``) and moves the teacher;
+   CARP's step (``carp.CarpStep``) trains its views on random prototype blocks (``carp.carp_loss``)
+   and moves the EMA teacher;
 3. per epoch: an atomic checkpoint (weights, optimiser, labels, RNG state) and TensorBoard scalars;
 4. at the end: labels from the final network, scored against the true classes with NMI, ARI
    and Hungarian accuracy, kNN and linear-probe accuracy, beside k-means on raw pixels.
@@ -19,7 +22,6 @@ passing its shard's scores and one all_reduce of the column sums per solver iter
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -40,7 +42,7 @@ from ..io import atomic_write, save_json
 from ..solver import sinkhorn_knopp
 from ..source import parse_bytes
 from ..store import ScoreStore
-from .carp import carp_loss, random_blocks
+from .carp import CarpStep
 from .data import ImageSet, ViewDataset, Views, load_image_set, split_images
 from .evaluate import cluster_scores, heldout_scores, kmeans_features, kmeans_scores, probe_scores
 from .models import CarpHead, Network, SelaHeads, build_backbone
@@ -462,6 +464,179 @@ class TrainResult:
     config: TrainConfig | None = None
 
 
+def _build(cfg: TrainConfig, images: ImageSet, device: torch.device,
+           total_steps: int) -> tuple[Network, CarpStep | None, torch.optim.Optimizer]:
+    """The network (SeLa's heads or CARP's prototypes on the backbone), CARP's step with its teacher, SGD."""
+    backbone = build_backbone(cfg.arch, images.channels, images.image_size)
+    head = (SelaHeads(backbone.out_dim, cfg.ncl, cfg.hc) if cfg.method == "sela"
+            else CarpHead(backbone.out_dim, cfg.ncl))
+    net = Network(backbone, head).to(device)
+    carp = (CarpStep(net, ncl=cfg.ncl, block=cfg.carp_block, n_blocks=cfg.carp_blocks, momentum=cfg.carp_momentum,
+                     seed=cfg.seed, total_steps=total_steps) if cfg.method == "carp" else None)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
+    return net, carp, opt
+
+
+def _save_checkpoint(path: str, cfg: TrainConfig, net: Network, opt: torch.optim.Optimizer, carp: CarpStep | None,
+                     labels: torch.Tensor, log_v: torch.Tensor | None, epoch: int, step: int, history: list) -> None:
+    with atomic_write(path) as fh:
+        torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(),
+                    "teacher": carp.teacher.state_dict() if carp is not None else None,
+                    "labels": labels, "log_v": log_v, "epoch": epoch, "step": step,
+                    "history": history, "rng": _rng_state(), "config": asdict(cfg)}, fh)
+
+
+class _Run:
+    """One training run: what it is built from (network, CARP's step, SGD, the data shard, the
+    TensorBoard writer) and what changes as it goes (labels, potentials, step, history). ``train``
+    calls ``epoch`` for each epoch and ``finish`` at the end."""
+
+    def __init__(self, cfg: TrainConfig, images: ImageSet, rank: int, world: int, device: torch.device) -> None:
+        self.cfg, self.images, self.world, self.device, self.main = cfg, images, world, device, rank == 0
+        self.shard = np.arange(rank, len(images), world)  # this rank's samples
+        min_shard = len(images) // world
+        self.steps_per_epoch = min_shard // cfg.batch_size  # the same on every rank (DDP steps together)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.net, self.carp, self.opt = _build(cfg, images, device, self.total_steps)
+        if cfg.batch_size > min_shard:
+            raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {min_shard} samples of a rank's shard")
+        self.relabel_at = set(label_schedule(self.total_steps, cfg.nopts)) if cfg.method == "sela" else set()
+        self.labels = torch.randint(cfg.ncl, (cfg.hc, cfg.views or 1, len(images)),
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+        self.log_v, self.start_epoch, self.step, self.history = None, 0, 0, []
+        self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+        if cfg.resume:
+            self._resume()
+        device_ids = [device.index] if device.type == "cuda" else None
+        self.model = (torch.nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids) if world > 1
+                      else self.net)
+        self.writer = None
+        if self.main and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=self.step)
+        self.train_set = ViewDataset(images, _views(cfg, images), cfg.seed)
+        self.threads = StepThreads(cfg.threads, device)
+
+    def _resume(self) -> None:
+        ckpt = _load_checkpoint(self.ckpt_path, self.cfg)
+        self.net.load_state_dict(ckpt["net"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.carp is not None:
+            self.carp.teacher.load_state_dict(ckpt["teacher"])
+        labels = ckpt["labels"]
+        self.labels = labels[:, None] if labels.dim() == 2 else labels  # (H, N) before SeLa had views
+        self.log_v, self.start_epoch = ckpt["log_v"], ckpt["epoch"]
+        self.step, self.history = ckpt["step"], ckpt["history"]
+        _set_rng_state(ckpt["rng"])
+
+    def log(self, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, self.step)
+
+    def relabel(self, views: list[ViewDataset] | None) -> None:
+        """SeLa's label update over ``views`` (None: the unaugmented images)."""
+        _check_finite(self.net, self.step)
+        self.labels, res = _relabel(self.net, self.images, self.cfg, self.shard, self.world, self.log_v, views)
+        self.log_v = res.log_v.cpu()
+        stats = _label_stats(self.labels, self.cfg.ncl)
+        self.log({"labels/solver_iterations": res.n_iter, "labels/solver_seconds": res.seconds,
+                  **{f"labels/{k}": v for k, v in stats.items()}})
+        if self.writer is not None:
+            sizes = torch.bincount(self.labels[0].flatten(), minlength=self.cfg.ncl)
+            self.writer.add_histogram("labels/cluster_sizes", sizes, self.step)
+
+    def train_step(self, idx: torch.Tensor, views: list[torch.Tensor], epoch: int) -> tuple[float, dict]:
+        """One SGD step (after SeLa's label update where one is due): the loss and its parts."""
+        cfg = self.cfg
+        if self.step in self.relabel_at:
+            self.threads.best()
+            self.relabel(_relabel_views(cfg, self.images, self.step))
+        self.threads.begin()
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        if self.carp is None:
+            batch_labels = self.labels[:, :, idx].to(self.device)
+            loss, parts = swapped_cross_entropy(self.model(torch.cat(views)), batch_labels), {}
+        else:
+            loss, parts = self.carp.loss(self.model, views, self.step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step} (epoch {epoch + 1}); "
+                                     "lower --lr or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.carp is not None:
+            self.carp.update(self.net, self.step)
+        value = loss.item()
+        self.threads.end()
+        return value, parts
+
+    def epoch(self, epoch: int) -> None:
+        """One pass over the shard, then the epoch's record, checkpoint and progress line."""
+        cfg = self.cfg
+        lr = cfg.lr * 0.1 ** (epoch // cfg.lrdrop)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.train_set.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        order = self.shard[torch.randperm(len(self.shard), generator=gen)]
+        loader = torch.utils.data.DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=order.tolist(),
+                                             num_workers=cfg.workers, drop_last=True)
+        bar = tqdm(total=self.steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (self.main and cfg.progress), leave=False)
+        losses = []
+        for b, (idx, views) in enumerate(loader):
+            if b == self.steps_per_epoch:
+                break
+            loss, parts = self.train_step(idx, views, epoch)
+            losses.append(loss)
+            self.log({"train/loss": loss, "train/lr": lr, **parts})
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}")
+            self.step += 1
+        bar.close()
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
+        if self.main and cfg.method == "sela":
+            scores = cluster_scores(self.images.targets, self.labels[0, 0].numpy())
+            record.update({f"label_{k}": v for k, v in scores.items()})
+            self.log({"eval/label_nmi": record["label_nmi"]})
+        self.history.append(record)
+        if self.main:
+            _save_checkpoint(self.ckpt_path, cfg, self.net, self.opt, self.carp, self.labels, self.log_v, epoch + 1,
+                             self.step, self.history)
+            if cfg.progress:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} lr {lr:.4g}"
+                      + (f" label NMI {record['label_nmi']:.3f}" if "label_nmi" in record else ""), flush=True)
+
+    def finish(self, held: ImageSet | None, t0: float) -> dict:
+        """Labels of the unaugmented images from the final network, then the evaluation (rank 0)."""
+        cfg = self.cfg
+        self.threads.best()
+        if self.carp is not None:  # balanced labels from the prototype head, by the same solver
+            _check_finite(self.net, self.step)
+            self.labels, _ = _relabel(self.net, self.images, replace(cfg, hc=1), self.shard, self.world, None)
+        else:
+            self.relabel(None)
+        self.labels = self.labels[:, 0]
+        if not (cfg.evaluate and self.main):
+            return {}
+        # scikit-learn's BLAS and OpenMP pools do not follow torch's count: hold them to it
+        with threadpool_limits(limits=torch.get_num_threads()):
+            metrics = _evaluate(self.net, self.images, cfg, self.labels, held)
+        save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "metrics": metrics,
+                                                          "history": self.history})
+        self.log({f"final/{k}": v for k, v in _flat(metrics).items()})
+        print(f"{cfg.method} on {cfg.data} ({cfg.arch}, K={cfg.ncl}, {cfg.epochs} epochs, "
+              f"{time.perf_counter() - t0:.0f}s): {_summary(metrics)}", flush=True)
+        return metrics
+
+    def close(self) -> None:
+        self.threads.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     """Train SeLa or CARP as configured; see ``TrainConfig`` and ``selflabel train --help``."""
     t0 = time.perf_counter()
@@ -470,163 +645,21 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     cfg = _resolve(cfg, images)
     images, held = split_images(images, cfg.holdout, cfg.seed) if cfg.holdout else (images, None)
     rank, world = _world()
-    main = rank == 0
     device = _device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-
-    # ---- network, optimiser, state --------------------------------------------------------------
-    backbone = build_backbone(cfg.arch, images.channels, images.image_size)
-    head = (SelaHeads(backbone.out_dim, cfg.ncl, cfg.hc) if cfg.method == "sela"
-            else CarpHead(backbone.out_dim, cfg.ncl))
-    net = Network(backbone, head).to(device)
-    teacher = copy.deepcopy(net).requires_grad_(False) if cfg.method == "carp" else None
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
-    shard = np.arange(rank, len(images), world)  # this rank's samples
-    min_shard = len(images) // world
-    if cfg.batch_size > min_shard:
-        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {min_shard} samples of a rank's shard")
-    steps_per_epoch = min_shard // cfg.batch_size  # the same on every rank (DDP steps together)
-    total_steps = cfg.epochs * steps_per_epoch
-    relabel_at = set(label_schedule(total_steps, cfg.nopts)) if cfg.method == "sela" else set()
-    labels = torch.randint(cfg.ncl, (cfg.hc, cfg.views or 1, len(images)),
-                           generator=torch.Generator().manual_seed(cfg.seed))
-    log_v, start_epoch, step, history = None, 0, 0, []
-    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    if cfg.resume:
-        ckpt = _load_checkpoint(ckpt_path, cfg)
-        net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if teacher is not None:
-            teacher.load_state_dict(ckpt["teacher"])
-        labels, log_v, start_epoch, step, history = (ckpt["labels"], ckpt["log_v"], ckpt["epoch"], ckpt["step"],
-                                                     ckpt["history"])
-        labels = labels[:, None] if labels.dim() == 2 else labels  # (H, N) before SeLa had views
-        _set_rng_state(ckpt["rng"])
-    device_ids = [device.index] if device.type == "cuda" else None
-    model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids) if world > 1 else net
-    writer = None
-    if main and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=step)
-    train_set = ViewDataset(images, _views(cfg, images), cfg.seed)
-
-    def log(scalars: dict[str, float], at: int) -> None:
-        if writer is not None:
-            for k, v in scalars.items():
-                writer.add_scalar(k, v, at)
-
-    def relabel(views: list[ViewDataset] | None) -> None:
-        nonlocal labels, log_v
-        _check_finite(net, step)
-        labels, res = _relabel(net, images, cfg, shard, world, log_v, views)
-        log_v = res.log_v.cpu()
-        stats = _label_stats(labels, cfg.ncl)
-        log({"labels/solver_iterations": res.n_iter, "labels/solver_seconds": res.seconds,
-             **{f"labels/{k}": v for k, v in stats.items()}}, step)
-        if writer is not None:
-            writer.add_histogram("labels/cluster_sizes", torch.bincount(labels[0].flatten(), minlength=cfg.ncl), step)
-
-    # ---- the loop ---------------------------------------------------------------------------------
-    threads = StepThreads(cfg.threads, device)
+    run = _Run(cfg, images, rank, world, device)
+    metrics: dict[str, dict[str, float]] = {}
     try:
         last_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
-        for epoch in range(start_epoch, last_epoch):
-            lr = cfg.lr * 0.1 ** (epoch // cfg.lrdrop)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            train_set.set_epoch(epoch)
-            order = shard[torch.randperm(len(shard), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))]
-            loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=order.tolist(),
-                                                 num_workers=cfg.workers, drop_last=True)
-            bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not (main and cfg.progress), leave=False)
-            losses = []
-            for b, (idx, views) in enumerate(loader):
-                if b == steps_per_epoch:
-                    break
-                if step in relabel_at:
-                    threads.best()
-                    relabel(_relabel_views(cfg, images, step))
-                threads.begin()
-                views = [v.to(device, non_blocking=True) for v in views]
-                if cfg.method == "sela":
-                    loss = swapped_cross_entropy(model(torch.cat(views)), labels[:, :, idx].to(device))
-                    parts = {}
-                else:
-                    x = torch.cat(views)
-                    student = list(model(x).chunk(len(views)))
-                    with torch.no_grad():
-                        teacher_out = list(teacher(torch.cat(views[:2])).chunk(2))
-                    gen = torch.Generator().manual_seed(cfg.seed + 104729 * step)
-                    blocks = random_blocks(cfg.ncl, cfg.carp_block, gen, cfg.carp_blocks)
-                    consistency, entropy = carp_loss(student, teacher_out, blocks)
-                    loss = consistency + entropy
-                    parts = {"train/consistency": consistency.item(), "train/entropy": entropy.item()}
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}); "
-                                             "lower --lr or check the data")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if teacher is not None:
-                    m = 1 - (1 - cfg.carp_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
-                    with torch.no_grad():
-                        for pt, ps in zip(teacher.parameters(), net.parameters(), strict=True):
-                            pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-                        for bt, bs in zip(teacher.buffers(), net.buffers(), strict=True):
-                            bt.copy_(bs)
-                losses.append(loss.item())
-                threads.end()
-                log({"train/loss": losses[-1], "train/lr": lr, **parts}, step)
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                step += 1
-            bar.close()
-            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
-            if main and cfg.method == "sela":
-                scores = cluster_scores(images.targets, labels[0, 0].numpy())
-                record.update({f"label_{k}": v for k, v in scores.items()})
-                log({"eval/label_nmi": record["label_nmi"]}, step)
-            history.append(record)
-            if main:
-                with atomic_write(ckpt_path) as fh:
-                    torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(),
-                                "teacher": teacher.state_dict() if teacher is not None else None,
-                                "labels": labels, "log_v": log_v, "epoch": epoch + 1, "step": step,
-                                "history": history, "rng": _rng_state(), "config": asdict(cfg)}, fh)
-                if cfg.progress:
-                    print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} lr {lr:.4g}"
-                          + (f" label NMI {record['label_nmi']:.3f}" if "label_nmi" in record else ""), flush=True)
-
-        # ---- final labels and evaluation --------------------------------------------------------------
-        finished = last_epoch == cfg.epochs
-        threads.best()
-        if finished:
-            if cfg.method == "carp":  # balanced labels from the prototype head, by the same solver
-                cfg_eval = replace(cfg, hc=1)
-                _check_finite(net, step)
-                labels, _ = _relabel(net, images, cfg_eval, shard, world, None)
-            else:  # the last labels are those of the unaugmented images
-                relabel(None)
-            labels = labels[:, 0]
-        metrics: dict[str, dict[str, float]] = {}
-        if finished and cfg.evaluate and main:
-            # scikit-learn's BLAS and OpenMP pools do not follow torch's count: hold them to it
-            with threadpool_limits(limits=torch.get_num_threads()):
-                metrics = _evaluate(net, images, cfg, labels, held)
-            save_json(os.path.join(cfg.out, "metrics.json"), {"config": asdict(cfg), "metrics": metrics,
-                                                              "history": history})
-            log({f"final/{k}": v for k, v in _flat(metrics).items()}, step)
-            print(f"{cfg.method} on {cfg.data} ({cfg.arch}, K={cfg.ncl}, {cfg.epochs} epochs, "
-                  f"{time.perf_counter() - t0:.0f}s): {_summary(metrics)}", flush=True)
+        for epoch in range(run.start_epoch, last_epoch):
+            run.epoch(epoch)
+        if last_epoch == cfg.epochs:
+            metrics = run.finish(held, t0)
     finally:
-        threads.close()
-        if writer is not None:
-            writer.close()
-    labels = labels[:, 0] if labels.dim() == 3 else labels  # stopped early: the first view's training labels
-    return TrainResult(net=net, labels=labels, metrics=metrics, history=history,
+        run.close()
+    labels = run.labels[:, 0] if run.labels.dim() == 3 else run.labels  # stopped early: the first view's labels
+    return TrainResult(net=run.net, labels=labels, metrics=metrics, history=run.history,
                        seconds=time.perf_counter() - t0, config=cfg)
