@@ -499,7 +499,8 @@ void log_pass_impl(const at::Tensor& L, RowsOf rows_of, const at::Tensor& log_a,
                    const at::Tensor& g, at::Tensor& logw, at::Tensor& change, int64_t threads, double omega) {
   const int64_t H = L.size(0), N = L.size(1), K = L.size(2);
   const scalar_t* LA = log_a.data_ptr<scalar_t>();
-  // Below this the column sum may be dominated by flushed-to-zero terms: use the max.
+  // Below this the column sum may be dominated by flushed-to-zero terms: use the max (the rule of
+  // kernels/_common.py's log_column_mass, UNDERFLOW_MARGIN = 1e8).
   const acc_t tiny = std::numeric_limits<scalar_t>::min() * acc_t(1e8);
   for (int64_t h = 0; h < H; ++h) {
     const auto rows = rows_of(h);

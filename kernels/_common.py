@@ -40,6 +40,18 @@ def union(*spaces: list[triton.Config]) -> list[triton.Config]:
     return out
 
 
+# A log-domain pass sums each column's mass exp(L + f + g) from its programs' partials; below this many
+# times the dtype's smallest normal number that sum may be mostly flushed-to-zero terms, so the column's
+# largest log-term stands in for its log. csrc/sinkhorn.cpp's log pass applies the same rule.
+UNDERFLOW_MARGIN = 1e8
+
+
+def log_column_mass(w: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """log of the column masses ``w`` (summed partials), or the column maxima ``mx`` of the log-terms
+    where ``w`` is within ``UNDERFLOW_MARGIN`` of underflow."""
+    return torch.where(w > torch.finfo(w.dtype).tiny * UNDERFLOW_MARGIN, torch.log(w), mx)
+
+
 @triton.jit
 def relaxed_step(y, omega):
     """Over-relaxation of a dual update whose plain log step is ``y``: ``omega * y`` where that

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, max_programs, relaxed_step
+from ._common import check_tensors, configs, log_column_mass, max_programs, relaxed_step
 
 
 @triton.jit
@@ -162,9 +162,7 @@ def implicit_log_pass(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     _implicit_log_pass_kernel[(P,)](x, w, bias if bias is not None else w, rowmax, log_a, f, g, w_part, mx_part,
                                     change_part, P, N, K, D, float(lamb), float(omega), HAS_BIAS=bias is not None,
                                     EXACT=exact, PRECISION=dot_precision(x.dtype))
-    total = w_part.sum(0)
-    tiny = torch.finfo(f.dtype).tiny * 1e8
-    return torch.where(total > tiny, torch.log(total), mx_part.amax(0)), change_part.sum()
+    return log_column_mass(w_part.sum(0), mx_part.amax(0)), change_part.sum()
 
 
 def torch_reference(x, w, bias, lamb, rowmax, log_a, f, g, omega=1.0):

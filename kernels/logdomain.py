@@ -27,7 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, max_programs, prune_by_vec, relaxed_step, tiles, union, vector_width
+from ._common import (
+    check_tensors,
+    configs,
+    log_column_mass,
+    max_programs,
+    prune_by_vec,
+    relaxed_step,
+    tiles,
+    union,
+    vector_width,
+)
 from .scaling import RESIDENT_CONFIGS, prune_resident, resident, resident_block_n  # one resident space for both
 
 # Streaming kernel: of (16, 32) x (128, 256, 512) x (4, 8 warps), these compile without spills in float32
@@ -177,10 +187,7 @@ def log_pass(L: torch.Tensor, log_a: torch.Tensor, f: torch.Tensor, g: torch.Ten
         w_part = torch.zeros(H, P, K, dtype=L.dtype, device=L.device)
         mx_part = torch.full((H, P, K), float("-inf"), dtype=L.dtype, device=L.device)
         _log_stream_kernel[(P, H)](L, log_a, f, g, w_part, mx_part, change_part, P, N, K, float(omega), VEC=vec)
-    w = w_part.sum(1)
-    tiny = torch.finfo(L.dtype).tiny * 1e8
-    logw = torch.where(w > tiny, torch.log(w), mx_part.amax(1))
-    return logw, change_part.sum(1)
+    return log_column_mass(w_part.sum(1), mx_part.amax(1)), change_part.sum(1)
 
 
 def torch_reference(L, log_a, f, g, omega=1.0):
