@@ -89,7 +89,9 @@ def sinkhorn_knopp_features(features: Any, prototypes: Any, bias: Any = None, *,
         **options: as for ``sinkhorn_knopp`` (lamb, algorithm, dtype, tol, max_iter, init, ...), and
             ``backend``: "auto" (CUDA tensors -> "triton", else "chunked"), "chunked" (CPU, streamed
             BLAS blocks, features may be a file) or "triton" (fused ``tl.dot`` log-domain kernel;
-            float32 features multiply in TF32, bfloat16/float16 as they are, float64 exactly).
+            float32 features at the precision ``torch.set_float32_matmul_precision`` sets (float32
+            products at torch's default "highest", TF32 at "medium"), bfloat16/float16 as they are,
+            float64 exactly).
     """
     if "kind" in options and options["kind"] != "logits":
         raise ValueError("sinkhorn_knopp_features scores are logits (X W^T + bias); kind cannot be changed")
