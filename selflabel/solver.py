@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -400,6 +401,71 @@ def _run_log(loop: _Loop, L, log_a, log_b, log_v0, log_u0=None, *, certify: bool
     return f, g
 
 
+BACKENDS = ("auto", "cpu", "torch", "triton", "chunked")  # what sinkhorn_knopp's backend= accepts
+
+
+@dataclass
+class _Input:
+    """The scores as the solver runs them: ``scores`` (dense (H, N, K) tensor in ``cdtype``, streamed or
+    feature scores), the ``backend`` that runs them, and what the result reports."""
+
+    scores: Any
+    backend: Backend
+    shape: tuple[int, int, int]
+    stacked: bool  # given as (H, N, K): labels come back (H, N)
+    device: torch.device
+    storage: torch.dtype  # the dtype the scores were given in
+    cdtype: torch.dtype  # the compute dtype
+    raw3: torch.Tensor | None  # in-memory scores as given, (H, N, K), kept by the result for plan()
+
+
+def _resolve_scores(scores: Any, backend: str, device: Any, dtype: Any, memory_budget: Any) -> _Input:
+    """Every check of the scores and of the backend, device, dtype and budget asked for, once; the
+    only place that picks a backend for ``sinkhorn_knopp``: implicit feature scores run on the fused
+    Triton kernel, a budget or backend="chunked" streams row blocks, else ``get_backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+    chunked = backend == "chunked" or (backend == "auto" and memory_budget is not None)
+    if memory_budget is not None and not chunked:
+        raise ValueError(f"memory_budget applies to backend='chunked' (or 'auto'), not backend={backend!r}")
+    raw3 = None
+    if isinstance(scores, FeatureScores):
+        if device is not None and resolve_device(device, scores.device) != scores.device:
+            raise ValueError(f"device={device!r}: implicit mode runs where the features are ({scores.device}); "
+                             "move the features and prototypes instead")
+        shape, stacked, device, storage = scores.shape, scores.stacked, scores.device, scores.x.dtype
+        native = torch.float64 if scores.x.dtype == torch.float64 else torch.float32
+        cdtype = torch.float64 if scores.x.dtype == torch.float64 else _compute_dtype(dtype, scores.w)
+        if cdtype != native:
+            raise ValueError("implicit mode computes in the features' precision: pass float64 features "
+                             "for dtype=float64")
+    elif chunked:
+        src = make_source(scores)
+        shape, stacked, storage = src.shape, src.ndim == 3, src.dtype
+        device = resolve_device(device, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
+        cdtype = _compute_dtype(dtype, torch.empty(0, dtype=src.dtype))
+    else:
+        raw = _as_tensor(scores)
+        if device is not None:
+            raw = raw.to(resolve_device(device, raw.device))
+        if raw.dim() not in (2, 3):
+            raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(raw.shape)}")
+        stacked = raw.dim() == 3
+        raw3 = raw if stacked else raw.unsqueeze(0)
+        shape, device, storage = raw3.shape, raw3.device, raw3.dtype
+        cdtype = _compute_dtype(dtype, raw3)
+    if 0 in tuple(shape):
+        raise ValueError(f"scores must not be empty, got shape {tuple(shape)}")
+    if isinstance(scores, FeatureScores):
+        be, run = ImplicitTritonBackend(), scores
+    elif chunked:
+        be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget, device)), device=device)
+        run = ChunkedScores(src, cdtype)
+    else:
+        be, run = get_backend(backend, device), raw3.to(cdtype).contiguous()
+    return _Input(run, be, tuple(shape), stacked, device, storage, cdtype, raw3)
+
+
 @torch.no_grad()
 def sinkhorn_knopp(
     scores: Any,
@@ -502,49 +568,10 @@ def sinkhorn_knopp(
     try:  # every local check; with a process group, errors are agreed on below so no rank hangs
         lamb, tol, max_iter, check_every = _check_options(lamb, kind, algorithm, criterion, acceleration, tol,
                                                           max_iter, check_every)
-        chunked = backend == "chunked" or (backend == "auto" and memory_budget is not None)
-        if memory_budget is not None and not chunked:
-            raise ValueError(f"memory_budget applies to backend='chunked' (or 'auto'), not backend={backend!r}")
-        implicit = isinstance(scores, FeatureScores)
-        raw3 = None  # the in-memory scores (kept by the result for plan())
-        if implicit:
-            if device is not None and resolve_device(device, scores.device) != scores.device:
-                raise ValueError(f"device={device!r}: implicit mode runs where the features are ({scores.device}); "
-                                 "move the features and prototypes instead")
-            shape, stacked, device = scores.shape, scores.stacked, scores.device
-            storage = scores.x.dtype
-            cdtype = torch.float64 if scores.x.dtype == torch.float64 else _compute_dtype(dtype, scores.w)
-            if cdtype != (torch.float64 if scores.x.dtype == torch.float64 else torch.float32):
-                raise ValueError("implicit mode computes in the features' precision: pass float64 features "
-                                 "for dtype=float64")
-        elif chunked:
-            src = make_source(scores)
-            shape, stacked = src.shape, src.ndim == 3
-            device = resolve_device(device, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
-            storage = src.dtype
-            cdtype = _compute_dtype(dtype, torch.empty(0, dtype=src.dtype))
-        else:
-            raw = _as_tensor(scores)
-            if device is not None:
-                raw = raw.to(resolve_device(device, raw.device))
-            if raw.dim() not in (2, 3):
-                raise ValueError(f"scores must have shape (N, K) or (H, N, K), got {tuple(raw.shape)}")
-            stacked = raw.dim() == 3
-            raw3 = raw if stacked else raw.unsqueeze(0)
-            shape, device, storage = raw3.shape, raw3.device, raw3.dtype
-            cdtype = _compute_dtype(dtype, raw3)
-        H, N, K = shape
-        if H == 0 or N == 0 or K == 0:
-            raise ValueError(f"scores must not be empty, got shape {tuple(shape)}")
-        if implicit:
-            be = ImplicitTritonBackend()
-            S = scores
-        elif chunked:
-            be = ChunkedBackend(rows_per_block(src, cdtype, _budget(memory_budget, device)), device=device)
-            S = ChunkedScores(src, cdtype)
-        else:
-            be = get_backend(backend, device)
-            S = raw3.to(cdtype).contiguous()
+        inp = _resolve_scores(scores, backend, device, dtype, memory_budget)
+        S, be, raw3, stacked, device, storage, cdtype = (inp.scores, inp.backend, inp.raw3, inp.stacked, inp.device,
+                                                         inp.storage, inp.cdtype)
+        H, N, K = inp.shape
         log_v0 = _init_log_v(init, H, K, cdtype, device)
         a_raw = _check_marginal(row_marginal, N, "row_marginal", "N", device)
         b_raw = _check_marginal(col_marginal, K, "col_marginal", "K", device)

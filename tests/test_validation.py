@@ -135,3 +135,9 @@ def test_fewer_samples_than_clusters_warns():
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sl.sinkhorn_knopp(good(), **kwargs)
+
+
+def test_unknown_backend_lists_every_choice():
+    with pytest.raises(ValueError, match="'chunked'") as err:
+        sl.sinkhorn_knopp(torch.rand(8, 3), backend="chunk")
+    assert "backend='chunk'" in str(err.value) and "'triton'" in str(err.value)

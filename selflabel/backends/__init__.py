@@ -132,4 +132,5 @@ def get_backend(name: str, device: torch.device) -> Backend:
         from .triton import TritonBackend
 
         return TritonBackend()
-    raise ValueError(f"backend={name!r} is not available; choose one of 'auto', 'torch', 'cpu', 'triton'")
+    raise ValueError(f"backend={name!r} is not available here; choose one of 'auto', 'torch', 'cpu', 'triton' "
+                     "(sinkhorn_knopp also takes 'chunked')")
