@@ -577,7 +577,7 @@ def sinkhorn_knopp(
         b_raw = _check_marginal(col_marginal, K, "col_marginal", "K", device)
         probs = kind == "probs"
         algo = "scaling" if algorithm in ("auto", "scaling") else "log"
-        if getattr(be, "log_only", False):
+        if be.log_only:
             if algorithm == "scaling":
                 raise ValueError(f"backend {be.name!r} runs the log domain only; use algorithm='log' or 'auto'")
             algo = "log"
@@ -612,7 +612,7 @@ def sinkhorn_knopp(
         any_weak = bool(red.max_(torch.tensor([float(bool(weak))], dtype=torch.float64))[0] > 0)
         # A backend that absorbs column potentials into its kernel starts nearly dead columns from
         # their best entry; the others need every column to keep an entry within the dtype's range.
-        dying = not getattr(be, "absorbs", False) and float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]
+        dying = not be.absorbs and float(colmax.min()) < -SCALING_SAFE_LOG[cdtype]
         unsafe_start = any_weak or dying
         if unsafe_start and algorithm == "scaling" and any_weak:
             raise ValueError(f"{' and '.join(weak) or 'another rank'}: entries this small lose their precision "
@@ -650,8 +650,8 @@ def sinkhorn_knopp(
         def log_operand():
             """The log kernel for an exact pass: a view of the scores where the backend recomputes
             kernel rows itself (no new matrix), else the prepared log kernel."""
-            view = getattr(be, "log_view", None)
-            return view(prep, S, lamb, probs) if view is not None and not kernel_is_log else prepare(log=True)
+            view = None if kernel_is_log else be.log_view(prep, S, lamb, probs)
+            return view if view is not None else prepare(log=True)
 
         if algo == "scaling":
             margin = _flush_margin(tol, criterion, K)
@@ -659,7 +659,7 @@ def sinkhorn_knopp(
             trip, target = (margin if algorithm == "auto" else math.inf), tol
             # Stabilised scaling: column potentials that would leave the dtype's comfortable range are
             # absorbed into the kernel (exp(L + f + g), rows of maximum 1) and the scalings restart at 1.
-            absorbs = getattr(be, "absorbs", False)
+            absorbs = be.absorbs
             drift = ABSORB_LOG[cdtype] if absorbs else math.inf
             g_abs, start = None, log_v0
             if absorbs:

@@ -7,7 +7,7 @@ front in ``selflabel.solver`` does). Every backend implements ``Backend``.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -39,6 +39,9 @@ class ScoreBlock(NamedTuple):
 
 class Backend(Protocol):
     name: str
+    log_only: bool  # runs the log domain only: the front refuses algorithm="scaling"
+    absorbs: bool  # prepare takes col_pot= (the stabilised scaling form)
+    recomputes_rows: bool  # the passes accept a ScoreBlock and recompute kernel rows from it
 
     def prepare(self, scores: torch.Tensor, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
         """Build the kernel matrix from (H, N, K) scores in the compute dtype. Backends with
@@ -59,14 +62,27 @@ class Backend(Protocol):
         """f <- log a - LSE_j(L + g) in place (over-relaxed as in ``scaling_pass`` with ``omega`` > 1);
         return (log column mass of the new (f, g) (H, K), row change (H,))."""
 
-    # Optional: ``log_view(prep, scores, lamb, probs)`` gives the log kernel of a prepared scaling
-    # kernel without a new N x K matrix (backends whose passes recompute kernel rows from the
-    # scores); the front then checks scaling duals exactly in the log domain at no memory cost.
+    def log_view(self, prep: Prepared, scores: Any, lamb: float, probs: bool) -> Any:
+        """The log kernel of a prepared scaling kernel without a new N x K matrix (backends whose
+        passes recompute kernel rows from the scores), or None: the front then prepares the log kernel.
+        With a view the front checks scaling duals exactly in the log domain at no memory cost."""
 
     def labels(self, mat: torch.Tensor, log_v: torch.Tensor, linear: bool, row_offset: int = 0) -> torch.Tensor:
         """argmax_j of mat*exp(log_v) (linear) or mat + log_v, int64 (H, N). Ties go round the
         clusters: row i (global index ``row_offset + i``) takes the first maximum at or after
         column i mod K, so rows with equal scores get balanced labels."""
+
+
+class BackendBase:
+    """What a backend can do, declared: every backend inherits these defaults and overrides the
+    capabilities it has (see ``Backend``)."""
+
+    log_only = False
+    absorbs = False
+    recomputes_rows = False
+
+    def log_view(self, prep: Prepared, scores: Any, lamb: float, probs: bool) -> Any:
+        return None
 
 
 def resolve_device(device: str | torch.device | None, default: torch.device | None = None) -> torch.device:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..source import CallableSource, NpyFileSource, TensorSource
-from . import Backend, Prepared, ScoreBlock, resolve_device
+from . import Backend, BackendBase, Prepared, ScoreBlock, resolve_device
 from .cpu import CpuBackend
 
 FIXED_OVERHEAD = 64 * 2**20  # allocator slack and small buffers, kept out of the block budget
@@ -92,7 +92,7 @@ class Streamed:
     def kernel_blocks(self, inner: Backend):
         """(lo, hi, kernel rows of the block) for ``inner``'s passes: a ScoreBlock where the
         backend recomputes rows itself (C++), else the block's kernel matrix from its prepare."""
-        lazy = self.shift is not None and getattr(inner, "recomputes_rows", False)
+        lazy = self.shift is not None and inner.recomputes_rows
         for lo, hi, block in self.blocks():
             if lazy:
                 yield lo, hi, ScoreBlock(block, self.shift[:, lo:hi].contiguous(), self.lamb, self.probs)
@@ -227,7 +227,7 @@ def inner_backend(device: torch.device, reader_thread: bool = False) -> Backend:
     return get_backend("auto", device)
 
 
-class ChunkedBackend:
+class ChunkedBackend(BackendBase):
     name = "chunked"
 
     def __init__(self, rows: int, device: torch.device | str = "cpu") -> None:

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from . import Prepared, ScoreBlock
+from . import BackendBase, Prepared, ScoreBlock
 
 
 def _ext():
@@ -84,7 +84,7 @@ class WorkerCount:
                 self.since = self.interval
 
 
-class CpuBackend:
+class CpuBackend(BackendBase):
     """``threads``: at most this many worker threads per pass; 0 (the default) lets the iteration
     passes choose between ``torch.get_num_threads()`` and one by their measured speed
     (``WorkerCount``), and runs the other passes on ``torch.get_num_threads()``."""

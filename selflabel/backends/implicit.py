@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Prepared
+from . import BackendBase, Prepared
 from .torch_ref import argmax_round
 
 
@@ -64,7 +64,7 @@ class _Implicit:
         return self.rowmax.device
 
 
-class ImplicitTritonBackend:
+class ImplicitTritonBackend(BackendBase):
     name = "triton-implicit"
     log_only = True
 

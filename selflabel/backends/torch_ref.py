@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from ..accel import relaxed_step
-from . import Prepared
+from . import BackendBase, Prepared
 
 SUM_SCALE = 2.0**-64
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     name = "torch"
     absorbs = True
 

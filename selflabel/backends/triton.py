@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from . import Prepared
+from . import BackendBase, Prepared
 from .torch_ref import absorb
 
 
-class TritonBackend:
+class TritonBackend(BackendBase):
     name = "triton"
     absorbs = True  # col_pot: the log kernel from the Triton prepare, absorbed with torch ops (rare: on drift)
 
