@@ -40,9 +40,9 @@ from ._common import (
 )
 from .scaling import RESIDENT_CONFIGS, prune_resident, resident, resident_block_n  # one resident space for both
 
-# Streaming kernel: of (16, 32) x (128, 256, 512) x (4, 8 warps), these compile without spills in float32
-# and float64 on sm_80 and sm_90a when rows start on 8- or 16-byte boundaries; pruned for spilling: 16 x 256
-# at 4 warps, 16 x 512, 32 x 128 at 4 warps, 32 x 256, 32 x 512.
+# Streaming kernel: of (16, 32) x (128, 256, 512) x (4, 8 warps), these compile without spills in float64
+# on sm_80 and sm_90a when rows start on 16-byte boundaries (float32 keeps a subset, below); pruned for
+# spilling: 16 x 256 at 4 warps, 16 x 512, 32 x 128 at 4 warps, 32 x 256, 32 x 512.
 GPU_CONFIGS = tiles((16, 128, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8))
 # Other load widths spill elsewhere: float32 in 16-byte loads at 16 x 128 / 4 warps (4 B, sm_80, with the
 # over-relaxed update); odd K in float32 at 16 x 128 / 8 warps (8 B, sm_80), in float64 at 16 x 128 / 4

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from selflabel.compat import FAST_SPREAD, _direct_small
 from selflabel.compat.dinov2 import sinkhorn_knopp_teacher
 from selflabel.compat.sela import optimize_labels
 from selflabel.compat.swav import distributed_sinkhorn
+from selflabel.distributed import Reducer
 from selflabel.synthetic import make_scores
 
 
@@ -134,9 +136,6 @@ def test_swav_reads_epsilon_and_iterations_from_args():
 def test_small_batch_torch_path_equals_the_published_loop(b, k, iters):
     """The plain-torch iterates a GPU runs for small batches (called here on CPU tensors) are the peer's,
     in float32 and float64, and leave the scores unchanged."""
-    from selflabel.compat import _direct_small
-    from selflabel.distributed import Reducer
-
     for dtype in (torch.float32, torch.float64):
         out = _cosines(b, k).to(dtype)
         before = out.clone()
@@ -147,9 +146,6 @@ def test_small_batch_torch_path_equals_the_published_loop(b, k, iters):
 
 
 def test_small_batch_torch_path_declines_a_wide_spread():
-    from selflabel.compat import FAST_SPREAD, _direct_small
-    from selflabel.distributed import Reducer
-
     out = torch.randn(64, 40)
     spread = float(out.amax(1).max() - out.min())
     assert _direct_small(out, 1.01 * FAST_SPREAD / spread, 3, Reducer()) is None
@@ -167,9 +163,6 @@ def test_swav_on_the_default_device_equals_the_published_loop(b):
 
 
 def test_small_batch_torch_path_leaves_nan_and_inf_to_the_checked_path():
-    from selflabel.compat import _direct_small
-    from selflabel.distributed import Reducer
-
     for bad in (float("nan"), float("inf"), float("-inf")):
         out = _cosines(16, 30)
         out[3, 4] = bad

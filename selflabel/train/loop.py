@@ -477,15 +477,6 @@ def _build(cfg: TrainConfig, images: ImageSet, device: torch.device,
     return net, carp, opt
 
 
-def _save_checkpoint(path: str, cfg: TrainConfig, net: Network, opt: torch.optim.Optimizer, carp: CarpStep | None,
-                     labels: torch.Tensor, log_v: torch.Tensor | None, epoch: int, step: int, history: list) -> None:
-    with atomic_write(path) as fh:
-        torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(),
-                    "teacher": carp.teacher.state_dict() if carp is not None else None,
-                    "labels": labels, "log_v": log_v, "epoch": epoch, "step": step,
-                    "history": history, "rng": _rng_state(), "config": asdict(cfg)}, fh)
-
-
 class _Run:
     """One training run: what it is built from (network, CARP's step, SGD, the data shard, the
     TensorBoard writer) and what changes as it goes (labels, potentials, step, history). ``train``
@@ -529,6 +520,14 @@ class _Run:
         self.log_v, self.start_epoch = ckpt["log_v"], ckpt["epoch"]
         self.step, self.history = ckpt["step"], ckpt["history"]
         _set_rng_state(ckpt["rng"])
+
+    def save(self, epoch: int) -> None:
+        """The checkpoint after ``epoch`` epochs, written atomically (``_resume`` reads it back)."""
+        with atomic_write(self.ckpt_path) as fh:
+            torch.save({"net": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                        "teacher": self.carp.teacher.state_dict() if self.carp is not None else None,
+                        "labels": self.labels, "log_v": self.log_v, "epoch": epoch, "step": self.step,
+                        "history": self.history, "rng": _rng_state(), "config": asdict(self.cfg)}, fh)
 
     def log(self, scalars: dict[str, float]) -> None:
         if self.writer is not None:
@@ -603,8 +602,7 @@ class _Run:
             self.log({"eval/label_nmi": record["label_nmi"]})
         self.history.append(record)
         if self.main:
-            _save_checkpoint(self.ckpt_path, cfg, self.net, self.opt, self.carp, self.labels, self.log_v, epoch + 1,
-                             self.step, self.history)
+            self.save(epoch + 1)
             if cfg.progress:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} lr {lr:.4g}"
                       + (f" label NMI {record['label_nmi']:.3f}" if "label_nmi" in record else ""), flush=True)
