@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import selflabel as sl
-from selflabel import solver as core
+from selflabel import iterate as core
 from selflabel.bench import machine
 from selflabel.io import atomic_write, save_json
 from selflabel.synthetic import make_scores
@@ -87,7 +87,7 @@ class Stalled(Exception):
 def timed_checks(points: list, start: list):
     """Append (iteration, marginal error, seconds since ``start[0]``) at every check of the solves
     inside; raise ``Stalled`` once the error has not halved in ``STALL`` iterations."""
-    record = core._Loop.record
+    record = core.Loop.record
 
     def timed(self, *args):
         ended = record(self, *args)
@@ -98,11 +98,11 @@ def timed_checks(points: list, start: list):
             raise Stalled
         return ended
 
-    core._Loop.record = timed
+    core.Loop.record = timed
     try:
         yield
     finally:
-        core._Loop.record = record
+        core.Loop.record = record
 
 
 def agreement(labels: torch.Tensor, reference: torch.Tensor) -> float:

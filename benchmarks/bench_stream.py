@@ -24,7 +24,7 @@ import time
 import torch
 
 import selflabel as sl
-from selflabel.backends.chunked import rows_per_block
+from selflabel.backends.chunked import rows_for_budget
 from selflabel.bench import machine
 from selflabel.io import save_json
 from selflabel.source import TensorSource, parse_bytes
@@ -97,7 +97,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # the solver's own peak from here
         if rows is None:
-            rows = rows_per_block(TensorSource(host), torch.float32, budget)
+            rows = rows_for_budget(TensorSource(host), torch.float32, budget)
             copy_s = min(h2d_seconds(host, rows) for _ in range(3))
             result.update(rows_per_block=rows, h2d_pinned_s=copy_s, h2d_pinned_gbps=nbytes / copy_s / 1e9)
             print(f"  pinned H2D copy in {rows}-row blocks: {copy_s:.3f}s per pass = {nbytes / copy_s / 1e9:.1f} GB/s",

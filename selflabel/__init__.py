@@ -11,9 +11,8 @@ if "torch" not in sys.modules:
     # first (the command line); OMP_WAIT_POLICY=ACTIVE in the environment keeps the spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .features import sinkhorn_knopp_features
 from .result import SinkhornResult
-from .solver import sinkhorn_knopp
+from .solver import sinkhorn_knopp, sinkhorn_knopp_features
 from .store import ScoreStore
 
 __all__ = ["ScoreStore", "SinkhornResult", "sinkhorn_knopp", "sinkhorn_knopp_features"]

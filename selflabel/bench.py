@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from . import peers
-from .backends import triton_available
 from .io import atomic_write, save_json
+from .select import triton_available
 from .solver import sinkhorn_knopp
 from .synthetic import make_scores
 
@@ -147,10 +147,9 @@ class Solver:
 def _checked_at_powers_of_two(rec: Recorder):
     """selflabel's solver checks at iterations 1, 2, 4, ... (and max_iter), and each check reports
     the run's time and error to ``rec``; a spent budget ends the solve there."""
-    from . import solver as core
+    from .iterate import Loop
 
-    loop = core._Loop
-    due, record = loop.due, loop.record
+    due, record = Loop.due, Loop.record
 
     def due_pow2(self) -> bool:
         return self.k == self.max_iter or self.k & (self.k - 1) == 0
@@ -161,11 +160,11 @@ def _checked_at_powers_of_two(rec: Recorder):
             raise _StopRun
         return ended
 
-    loop.due, loop.record = due_pow2, record_timed
+    Loop.due, Loop.record = due_pow2, record_timed
     try:
         yield
     finally:
-        loop.due, loop.record = due, record
+        Loop.due, Loop.record = due, record
 
 
 def _ours(backend: str, algorithm: str, dtype: torch.dtype):
@@ -284,10 +283,9 @@ def solvers(device: str) -> list[Solver]:
                               None if cuda and triton_available() else "needs a CUDA device and triton"))
         out.append(Solver("selflabel torch (reference)", dtype, _ours("torch", "auto", dtype)))
         out.append(Solver("torch two-matvec loop (SeLa gpu_sk)", dtype, _torch_loop(dtype)))
-    out.append(Solver("selflabel chunked (budget N*K*4/4)", torch.float32, _ours("chunked", "auto", torch.float32),
-                      "CPU backend; bench runs on cuda" if cuda else None))
-    out.append(Solver("selflabel implicit", torch.float32, None,
-                      "solves from features x prototypes (sinkhorn_knopp_features), not from this score matrix"))
+    out.append(Solver("selflabel chunked (budget: a quarter of the matrix)", torch.float32,
+                      _ours("chunked", "auto", torch.float32),
+                      "streams host memory to the GPU: benchmarks/bench_stream.py times it" if cuda else None))
     out.append(Solver("SwAV/DINOv2 in-place loop", torch.float32, _swav))
     cpu_only = "numpy peer: CPU only" if cuda else None
     out.append(Solver("SeLa numpy loop", torch.float64, _sela, cpu_only))
@@ -472,8 +470,7 @@ SOLVER_STYLE = {
     "selflabel triton log": (1, "X"),
     "selflabel torch (reference)": (2, "^"),
     "torch two-matvec loop (SeLa gpu_sk)": (3, "v"),
-    "selflabel chunked (budget N*K*4/4)": (4, "D"),
-    "selflabel implicit": (5, "h"),
+    "selflabel chunked (budget: a quarter of the matrix)": (4, "D"),
     "SwAV/DINOv2 in-place loop": (6, "<"),
     "SeLa numpy loop": (7, ">"),
     "POT ot.sinkhorn": (8, "p"),

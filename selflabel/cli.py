@@ -12,28 +12,22 @@ import torch
 
 from . import __version__
 from .accel import ACCELERATIONS
-from .backends import resolve_device
 from .io import atomic_write, save_npy, save_text
 from .solver import ALGORITHMS, KINDS, sinkhorn_knopp
 
 
 def _label_features(args: argparse.Namespace, options: dict):
-    """Implicit mode: ``args.scores`` holds (N, D) features; scores are X W^T + bias, never stored."""
-    from .features import sinkhorn_knopp_features
+    """Implicit mode: ``args.scores`` holds (N, D) features; scores are X W^T + bias, never stored.
+    The features file is streamed in row blocks ("chunked"), or loaded onto the GPU whole for the
+    fused kernel (``--device cuda`` without ``--memory-budget``)."""
+    from .solver import sinkhorn_knopp_features
 
     if args.kind != "logits":
         raise ValueError(f"--kind {args.kind}: scores from --prototypes are logits (X W^T + bias); drop --kind")
     prototypes = np.load(args.prototypes, allow_pickle=False)
     bias = None if args.bias is None else np.load(args.bias, allow_pickle=False)
-    features, backend = args.scores, args.backend  # a path: the chunked backend streams it in row blocks
-    device = resolve_device(args.device, torch.device("cpu"))
-    if device.type == "cuda":
-        if args.memory_budget is not None or backend == "chunked":  # score blocks computed on CPU, streamed
-            backend, options = "chunked", {**options, "device": device}
-        else:  # the fused Triton kernel reads the features whole from GPU memory
-            features = torch.from_numpy(np.load(args.scores, allow_pickle=False)).to(device)
-    return sinkhorn_knopp_features(features, prototypes, bias, memory_budget=args.memory_budget, backend=backend,
-                                   **options)
+    return sinkhorn_knopp_features(args.scores, prototypes, bias, memory_budget=args.memory_budget,
+                                   backend=args.backend, device=args.device, **options)
 
 
 # --out suffix -> text delimiter ("npy": numpy int64 array, "pt": torch int64 tensor)

@@ -1,27 +1,38 @@
-"""Implicit mode: solve from features and prototypes without storing the N x K scores.
+"""Implicit mode: scores given as features and prototypes, ``S = X W^T + bias``, never stored whole.
 
-On CPU (backend "chunked") ``S = X W^T + bias`` is recomputed block by block (a BLAS
-matmul per row block) and fed to the chunked backend's fused passes, so memory is
-O(N*D + N + K) plus one block, whatever K is; features may themselves be streamed from a
-``.npy`` file or memmap. On GPU (backend "triton") the fused kernel of ``kernels/implicit.py``
-computes each score tile with ``tl.dot`` inside the log-domain pass.
+``Features`` is what ``sinkhorn_knopp_features`` passes to the solver front; ``selflabel.select``
+turns it into one of two score forms:
+
+- ``FeatureBlocks`` (backend "chunked", CPU BLAS): S recomputed block by block (a matmul per row
+  block) and fed to the chunked backend's fused passes, so memory is O(N*D + N + K) plus one
+  block, whatever K is; features may themselves be streamed from a ``.npy`` file or memmap.
+- ``implicit_scores`` (backend "triton", CUDA): the fused kernel of ``kernels/implicit.py``
+  computes each score tile with ``tl.dot`` inside the log-domain pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .backends import get_backend
-from .backends.implicit import FeatureScores
-from .result import SinkhornResult
-from .solver import sinkhorn_knopp
+from .backends.implicit import ImplicitScores
 from .source import make_source
 
 
-def _check_prototypes(prototypes: Any, bias: Any, d: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+@dataclass(frozen=True)
+class Features:
+    """Scores as features (N, D) and prototypes (K, D) / (H, K, D) with an optional bias (K,) /
+    (H, K), as given to ``sinkhorn_knopp_features`` (checked by ``selflabel.select``)."""
+
+    features: Any
+    prototypes: Any
+    bias: Any = None
+
+
+def check_prototypes(prototypes: Any, bias: Any, d: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Check prototypes (K, D) / (H, K, D) and bias (K,) / (H, K); returns (w (H, K, D), bias (H, K) or None, ndim)."""
     w = torch.as_tensor(prototypes)
     if not w.dtype.is_floating_point:
@@ -41,7 +52,7 @@ def _check_prototypes(prototypes: Any, bias: Any, d: int) -> tuple[torch.Tensor,
     return w, bias, ndim
 
 
-class FeatureSource:
+class FeatureBlocks:
     """Row blocks of ``X W^T + bias`` for H heads: (H, rows, K) in the features' dtype."""
 
     def __init__(self, features: Any, prototypes: Any, bias: Any = None) -> None:
@@ -51,7 +62,7 @@ class FeatureSource:
         self.x = make_source(features)
         if self.x.ndim != 2:
             raise ValueError(f"features must have shape (N, D), got {tuple(self.x.shape)}")
-        w, bias, self.ndim = _check_prototypes(prototypes, bias, self.x.shape[2])
+        w, bias, self.ndim = check_prototypes(prototypes, bias, self.x.shape[2])
         self.dtype = torch.float64 if torch.float64 in (self.x.dtype, w.dtype) else torch.float32
         h, k, _ = w.shape
         self.w_t = w.to(self.dtype).transpose(1, 2).contiguous()  # (H, D, K)
@@ -76,46 +87,14 @@ class FeatureSource:
             yield lo, hi, s
 
 
-def sinkhorn_knopp_features(features: Any, prototypes: Any, bias: Any = None, *, memory_budget: int | str | None = None,
-                            **options: Any) -> SinkhornResult:
-    """Label N samples from features (N, D) and prototypes (K, D) or (H, K, D), with scores
-    ``lamb * (X W^T + bias)`` treated as logits and never stored whole.
-
-    Args:
-        features: (N, D) tensor, array, memmap or ``.npy`` path (streamed in row blocks).
-        prototypes: (K, D), or (H, K, D) for H heads (labels (H, N)).
-        bias: (K,) or (H, K), optional.
-        memory_budget: bytes or "512MB" for the solver's buffers (default: a quarter of RAM); "chunked" only.
-        **options: as for ``sinkhorn_knopp`` (lamb, algorithm, dtype, tol, max_iter, init, ...), and
-            ``backend``: "auto" (CUDA tensors -> "triton", else "chunked"), "chunked" (CPU, streamed
-            BLAS blocks, features may be a file) or "triton" (fused ``tl.dot`` log-domain kernel;
-            float32 features at the precision ``torch.set_float32_matmul_precision`` sets (float32
-            products at torch's default "highest", TF32 at "medium"), bfloat16/float16 as they are,
-            float64 exactly).
-    """
-    if "kind" in options and options["kind"] != "logits":
-        raise ValueError("sinkhorn_knopp_features scores are logits (X W^T + bias); kind cannot be changed")
-    options.pop("kind", None)
-    backend = options.pop("backend", "auto")
-    on_gpu = isinstance(features, torch.Tensor) and features.device.type == "cuda"
-    if backend == "auto":
-        backend = "triton" if on_gpu else "chunked"
-    if backend == "chunked":
-        source = FeatureSource(features, prototypes, bias)
-        return sinkhorn_knopp(source, kind="logits", backend="chunked", memory_budget=memory_budget, **options)
-    if backend != "triton":
-        raise ValueError(f"sinkhorn_knopp_features backend must be 'auto', 'chunked' (CPU, streamed) or 'triton' "
-                         f"(fused tl.dot kernel), got {backend!r}")
-    if memory_budget is not None:
-        raise ValueError("memory_budget applies to backend='chunked'; the triton path keeps only X, W and O(N + K)")
-    get_backend("triton", features.device if isinstance(features, torch.Tensor) else torch.device("cpu"))
+def implicit_scores(features: Any, prototypes: Any, bias: Any) -> ImplicitScores:
+    """The checked (H, N, K) implicit scores of CUDA features for the fused Triton kernel."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         raise ValueError("backend='triton' needs features as an (N, D) tensor on the GPU")
     if not features.dtype.is_floating_point:
         raise TypeError(f"features must be floating point, got {features.dtype}")
-    w, b, ndim = _check_prototypes(prototypes, bias, features.shape[1])
+    w, b, ndim = check_prototypes(prototypes, bias, features.shape[1])
     x = features.contiguous()
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scores = FeatureScores(x, w.to(device=x.device, dtype=x.dtype).contiguous(),
-                           None if b is None else b.to(device=x.device, dtype=acc).contiguous(), stacked=ndim == 3)
-    return sinkhorn_knopp(scores, kind="logits", **options)
+    return ImplicitScores(x, w.to(device=x.device, dtype=x.dtype).contiguous(),
+                          None if b is None else b.to(device=x.device, dtype=acc).contiguous(), stacked=ndim == 3)

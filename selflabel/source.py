@@ -332,7 +332,7 @@ def _memmap_source(mm: np.memmap):
 
 def make_source(scores):
     """A row-block source for ``scores``; objects that already have ``blocks`` and
-    ``shape`` (e.g. ``selflabel.features.FeatureSource``) pass through."""
+    ``shape`` (e.g. ``selflabel.features.FeatureBlocks``) pass through."""
     if hasattr(scores, "blocks") and hasattr(scores, "shape") and not isinstance(scores, torch.Tensor):
         return scores
     if isinstance(scores, (str, os.PathLike)):

@@ -296,11 +296,11 @@ def test_young_lam_of_an_all_plain_window_is_its_rate():
 def test_which_half_steps_run_plain(criterion, check_every):
     """Row updates of passes that end at a check run plain; with SeLa's rule also the column update
     in front of such a pass; every other half-step takes omega."""
-    from selflabel.solver import _Loop
+    from selflabel.iterate import Loop
 
     relax = Relaxation(True)
     relax.omega_now = 1.5
-    loop = _Loop(None, None, 1e-5, 100, check_every, criterion, None, relax)
+    loop = Loop(None, None, 1e-5, 100, check_every, criterion, None, relax)
     for k in range(1, 40):
         loop.k = k
         check = loop.due()

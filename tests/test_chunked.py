@@ -299,13 +299,13 @@ def test_later_passes_recompute_rows_inside_the_kernels(npy, monkeypatch):
 
 
 def test_block_rows_cap_by_device():
-    from selflabel.backends.chunked import CPU_BLOCK_BYTES, CUDA_BLOCK_BYTES, block_rows
+    from selflabel.backends.chunked import CPU_BLOCK_BYTES, CUDA_BLOCK_BYTES, cap_block_rows
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # only the type is read: no GPU needed
-    assert block_rows(10**9, (2, 10**7, 1000), 4, cpu) == CPU_BLOCK_BYTES // 8000
-    assert block_rows(10**9, (2, 10**7, 1000), 4, cuda) == CUDA_BLOCK_BYTES // 8000
-    assert block_rows(100, (2, 10**7, 1000), 4, cuda) == 100  # the budget's rows when fewer
-    assert block_rows(100, (1, 10, 10**8), 8, cpu) == 1  # a row larger than the cap is still one row
+    assert cap_block_rows(10**9, (2, 10**7, 1000), 4, cpu) == CPU_BLOCK_BYTES // 8000
+    assert cap_block_rows(10**9, (2, 10**7, 1000), 4, cuda) == CUDA_BLOCK_BYTES // 8000
+    assert cap_block_rows(100, (2, 10**7, 1000), 4, cuda) == 100  # the budget's rows when fewer
+    assert cap_block_rows(100, (1, 10, 10**8), 8, cpu) == 1  # a row larger than the cap is still one row
 
 
 def test_device_feed_splits_blocks_longer_than_its_buffers():

@@ -124,7 +124,7 @@ def _solve_must_not_run(monkeypatch):
         raise AssertionError("the solver ran before the output was checked")
 
     monkeypatch.setattr("selflabel.cli.sinkhorn_knopp", boom)
-    monkeypatch.setattr("selflabel.features.sinkhorn_knopp_features", boom)
+    monkeypatch.setattr("selflabel.solver.sinkhorn_knopp_features", boom)
 
 
 def test_label_refuses_to_overwrite_an_input(probs_file, tmp_path, capsys, monkeypatch):

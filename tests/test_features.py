@@ -87,12 +87,12 @@ def test_features_peak_memory_bounded(tmp_path):
 
 
 def test_budget_counts_the_feature_rows(tmp_path):
-    from selflabel.backends.chunked import rows_per_block
-    from selflabel.features import FeatureSource
+    from selflabel.backends.chunked import rows_for_budget
+    from selflabel.features import FeatureBlocks
 
     x = np.zeros((20_000, 2048), dtype=np.float32)
     np.save(tmp_path / "wide.npy", x)
-    src = FeatureSource(str(tmp_path / "wide.npy"), torch.randn(10, 2048))
+    src = FeatureBlocks(str(tmp_path / "wide.npy"), torch.randn(10, 2048))
     budget = 256 * 2**20
-    rows = rows_per_block(src, torch.float32, budget)
+    rows = rows_for_budget(src, torch.float32, budget)
     assert rows * 2 * 2048 * 4 < budget  # the two feature buffers alone fit the budget

@@ -6,7 +6,7 @@ import torch
 from reference import log_sinkhorn
 
 import selflabel as sl
-import selflabel.solver as solver_mod
+import selflabel.iterate as iterate_mod
 from selflabel.synthetic import make_scores
 
 
@@ -36,7 +36,7 @@ def test_auto_switches_to_log_when_scaling_breaks(monkeypatch):
     scores = _peaked()
     # Pretend the dtype's range is huge so auto starts with the scaling form and must recover at run time
     # (in chunked mode, which does not absorb potentials into its kernel).
-    monkeypatch.setitem(solver_mod.SCALING_SAFE_LOG, torch.float32, 1e9)
+    monkeypatch.setitem(iterate_mod.SCALING_SAFE_LOG, torch.float32, 1e9)
     res = sl.sinkhorn_knopp(scores, lamb=100.0, max_iter=20_000, backend="chunked")
     assert res.switched_at is not None and res.algorithm == "log"
     assert res.converged and torch.isfinite(res.log_v).all()
@@ -46,7 +46,7 @@ def test_auto_switches_to_log_when_scaling_breaks(monkeypatch):
 
 def test_auto_fallback_at_the_last_iteration_still_runs_max_iter(monkeypatch):
     scores = _peaked()
-    monkeypatch.setitem(solver_mod.SCALING_SAFE_LOG, torch.float32, 1e9)
+    monkeypatch.setitem(iterate_mod.SCALING_SAFE_LOG, torch.float32, 1e9)
     res = sl.sinkhorn_knopp(scores, lamb=100.0, tol=0, max_iter=3, check_every=10, backend="chunked")
     assert res.switched_at == 0 and res.algorithm == "log" and res.n_iter == 3
     direct = sl.sinkhorn_knopp(scores, lamb=100.0, algorithm="log", tol=0, max_iter=3)

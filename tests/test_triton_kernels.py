@@ -227,6 +227,21 @@ def test_implicit_solver_matches_materialised(dtype, heads, with_bias):
     assert dv.abs().max() <= (5e-3 if dtype == torch.float32 else 1e-6)
 
 
+def test_implicit_features_move_to_the_device(tmp_path):
+    """A features file, array or tensor elsewhere with device= given is loaded onto that device for the
+    fused kernel: the same labels and duals as the features passed there."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(37, 9, generator=gen), torch.randn(6, 9, generator=gen)
+    np.save(tmp_path / "x.npy", x.numpy())
+    ref = sl.sinkhorn_knopp_features(x.to(DEV), w.to(DEV), lamb=5.0, backend="triton", tol=1e-6)
+    for given in (str(tmp_path / "x.npy"), x.numpy(), x):
+        got = sl.sinkhorn_knopp_features(given, w, lamb=5.0, backend="triton", device=DEV, tol=1e-6)
+        assert got.backend == "triton-implicit" and got.labels.device.type == torch.device(DEV).type
+        assert torch.equal(got.labels, ref.labels) and torch.equal(got.log_v, ref.log_v)
+
+
 def test_implicit_triton_rejects_bad_input():
     x = torch.randn(10, 4, device=DEV)
     with pytest.raises(ValueError, match="prototypes must have shape"):
@@ -247,12 +262,13 @@ def test_implicit_triton_rejects_bad_input():
 def test_chunked_through_triton_passes(tmp_path, monkeypatch, algorithm, dtype, source):
     import numpy as np
 
+    from selflabel import select
     from selflabel.backends import chunked
     from selflabel.backends.triton import TritonBackend
     from selflabel.source import make_source
 
     if not ON_GPU:
-        monkeypatch.setattr(chunked, "inner_backend", lambda device, reader_thread=False: TritonBackend())
+        monkeypatch.setattr(select, "for_blocks", lambda device, reader_thread=False: TritonBackend())
     n, k, h = (23, 7, 2) if not ON_GPU else (300_001, 1000, 2)
     scores = make_scores(n * h, k, kind="probs", temperature=2.0, dead=1, dead_margin=0.5, dtype=torch.float64,
                          seed=3).view(h, n, k)

@@ -2,11 +2,13 @@
 
 A backend prepares the kernel matrix from the scores and runs single passes over
 it; it never validates user input, decides when to stop, or builds results (the
-front in ``selflabel.solver`` does). Every backend implements ``Backend``.
+front in ``selflabel.solver`` does). Every backend implements ``Backend``; which one runs a
+solve is decided in ``selflabel.select`` alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -80,6 +82,7 @@ class BackendBase:
     log_only = False
     absorbs = False
     recomputes_rows = False
+    advance: Callable[[float], None] | None = None  # set by the front: told each row block's share of a pass
 
     def log_view(self, prep: Prepared, scores: Any, lamb: float, probs: bool) -> Any:
         return None
@@ -107,46 +110,3 @@ def resolve_device(device: str | torch.device | None, default: torch.device | No
     elif dev.type != "cpu":
         raise ValueError(f"device={device!r}: only 'cpu' and 'cuda' are supported")
     return dev
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def get_backend(name: str, device: torch.device) -> Backend:
-    """Resolve a backend name ("auto" included) for tensors on ``device``."""
-    from .cpu import CpuBackend
-    from .torch_ref import TorchBackend
-
-    if name == "auto":
-        if device.type == "cpu":
-            name = "cpu"
-        else:
-            name = "triton" if device.type == "cuda" and triton_available() else "torch"
-    if name == "torch":
-        return TorchBackend()
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU scores, got scores on {device}; use backend='auto'")
-        return CpuBackend()
-    if name == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-            raise ValueError(f"backend='triton' needs CUDA scores, got scores on {device} "
-                             "(set TRITON_INTERPRET=1 to run the kernels on CPU for testing)")
-        from .triton import TritonBackend
-
-        return TritonBackend()
-    raise ValueError(f"backend={name!r} is not available here; choose one of 'auto', 'torch', 'cpu', 'triton' "
-                     "(sinkhorn_knopp also takes 'chunked')")

@@ -25,7 +25,6 @@ import torch
 
 from ..source import CallableSource, NpyFileSource, TensorSource
 from . import Backend, BackendBase, Prepared, ScoreBlock, resolve_device
-from .cpu import CpuBackend
 
 FIXED_OVERHEAD = 64 * 2**20  # allocator slack and small buffers, kept out of the block budget
 # On CPU a block holds at most this many bytes of scores, whatever the budget: the block the
@@ -39,7 +38,7 @@ CPU_BLOCK_BYTES = 8 * 2**20
 CUDA_BLOCK_BYTES = 256 * 2**20
 
 
-def block_rows(rows: int, shape: tuple[int, int, int], itemsize: int, device: torch.device) -> int:
+def cap_block_rows(rows: int, shape: tuple[int, int, int], itemsize: int, device: torch.device) -> int:
     """``rows`` (what the budget allows) capped to the block size that suits ``device``."""
     h, _, k = shape
     cap = CPU_BLOCK_BYTES if device.type == "cpu" else CUDA_BLOCK_BYTES
@@ -196,7 +195,7 @@ def _costs(source, dtype: torch.dtype) -> tuple[int, int]:
     return fixed, per_row
 
 
-def rows_per_block(source, dtype: torch.dtype, budget: int) -> int:
+def rows_for_budget(source, dtype: torch.dtype, budget: int) -> int:
     """Rows per block so that every buffer the solver allocates fits ``budget`` bytes."""
     fixed, per_row = _costs(source, dtype)
     rows = (budget - fixed) // per_row
@@ -214,36 +213,21 @@ def budget_for_rows(source, dtype: torch.dtype, rows: int) -> int:
     return fixed + rows * per_row
 
 
-def inner_backend(device: torch.device, reader_thread: bool = False) -> Backend:
-    """The in-memory backend that runs the passes over each block: fused C++ on CPU,
-    Triton on CUDA (plain torch where triton is missing). ``reader_thread``: the source
-    reads the next block on a thread of its own; on CPU that thread keeps a core to
-    itself (a warm-cache pass is bound by that copy, and a compute thread sharing its
-    core slows it down)."""
-    if device.type == "cpu":
-        return CpuBackend(threads=max(1, torch.get_num_threads() - 1) if reader_thread else 0)
-    from . import get_backend
-
-    return get_backend("auto", device)
-
-
 class ChunkedBackend(BackendBase):
     name = "chunked"
 
-    def __init__(self, rows: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, rows: int, device: torch.device | str, inner: Backend) -> None:
         self.device = resolve_device(device)
-        self.inner: Backend | None = None  # chosen with the source, in prepare
+        self.inner = inner  # runs the passes over each block (``selflabel.select.for_blocks``)
         self.rows = rows
-        self.advance: Callable[[float], None] | None = None  # the solver's progress bar, fed per block
         self._feed: DeviceFeed | None = None
 
     def prepare(self, source: ChunkedScores, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
         h, n, k = source.shape
         dtype, dev = source.compute_dtype, self.device
-        self.rows = block_rows(self.rows, source.shape, source.inner.itemsize, dev)
+        self.rows = cap_block_rows(self.rows, source.shape, source.inner.itemsize, dev)
         if self._feed is None:  # one set of transfer buffers for every pass of this solve
             self._feed = DeviceFeed(dev, source.shape, self.rows, source.inner.dtype)
-            self.inner = inner_backend(dev, reader_thread=getattr(source.inner, "reader_thread", False))
         mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype, self._feed, self._advance)
         rowmax = torch.empty(h, n, dtype=dtype, device=dev)
         rowsum = torch.empty(h, n, dtype=torch.float64, device=dev)

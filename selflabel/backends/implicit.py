@@ -17,7 +17,7 @@ from .torch_ref import argmax_round
 
 
 @dataclass
-class FeatureScores:
+class ImplicitScores:
     """The implicit (H, N, K) score matrix of features x (N, D), prototypes w (H, K, D), bias (H, K) or None."""
 
     x: torch.Tensor
@@ -47,21 +47,13 @@ class FeatureScores:
 
 @dataclass
 class _Implicit:
-    scores: FeatureScores
+    scores: ImplicitScores
     lamb: float
     rowmax: torch.Tensor  # (H, N)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.scores.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.rowmax.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.rowmax.device
 
 
 class ImplicitTritonBackend(BackendBase):
@@ -73,7 +65,7 @@ class ImplicitTritonBackend(BackendBase):
 
         self._kernel, self.block_bytes = implicit, block_bytes
 
-    def prepare(self, scores: FeatureScores, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
+    def prepare(self, scores: ImplicitScores, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
         h, n, k = scores.shape
         dtype = torch.float64 if scores.x.dtype == torch.float64 else torch.float32
         rowmax = torch.empty(h, n, dtype=dtype, device=scores.device)

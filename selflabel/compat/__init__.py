@@ -11,8 +11,8 @@ import warnings
 
 import torch
 
-from ..backends import get_backend
 from ..distributed import Reducer
+from ..select import in_memory
 from ..solver import sinkhorn_knopp
 
 
@@ -57,7 +57,7 @@ def balanced_assignments(scores: torch.Tensor, lamb: float, n_iter: int) -> torc
         q = _direct_small(x, lamb, n_iter, red)
         if q is not None:
             return q.to(scores.dtype)
-    be = get_backend("auto", x.device)
+    be = in_memory("auto", x.device)
     prep = be.prepare(x[None].contiguous(), float(lamb), False, True)  # also gives each row's max and min
     extremes = red.max_(torch.stack([prep.rowmax.max().double(), -prep.rowmin.min()]).cpu())
     if lamb * float(extremes.sum()) <= FAST_SPREAD:

@@ -37,9 +37,8 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ..backends.cpu import WorkerCount
-from ..features import sinkhorn_knopp_features
 from ..io import atomic_write, save_json
-from ..solver import sinkhorn_knopp
+from ..solver import sinkhorn_knopp, sinkhorn_knopp_features
 from ..source import parse_bytes
 from ..store import ScoreStore
 from .carp import CarpStep
