@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .backends import Backend, resolve_device
-from .backends.chunked import ChunkedBackend, ChunkedScores, rows_for_budget
+from .backends.chunked import ChunkedBackend, ChunkedScores, cap_block_rows, rows_for_budget
 from .backends.implicit import ImplicitTritonBackend
 from .features import FeatureBlocks, Features, implicit_scores
 from .source import make_source
@@ -150,7 +150,8 @@ def _chunked(scores: Any, device: Any, dtype: Any, memory_budget: Any) -> Select
     device = resolve_device(device, scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu"))
     cdtype = compute_dtype(dtype, torch.empty(0, dtype=src.dtype))
     shape = _nonempty(src.shape)
-    rows = rows_for_budget(src, cdtype, budget_bytes(memory_budget, device))
+    rows = cap_block_rows(rows_for_budget(src, cdtype, budget_bytes(memory_budget, device)), shape, src.itemsize,
+                          device)
     be = ChunkedBackend(rows, device, for_blocks(device, reader_thread=getattr(src, "reader_thread", False)))
     return Selected(ChunkedScores(src, cdtype), be, shape, src.ndim == 3, device, src.dtype, cdtype)
 

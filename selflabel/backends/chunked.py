@@ -49,12 +49,12 @@ def cap_block_rows(rows: int, shape: tuple[int, int, int], itemsize: int, device
 class ChunkedScores:
     """What the front hands this backend instead of a tensor."""
 
-    inner: TensorSource | NpyFileSource | CallableSource
+    source: TensorSource | NpyFileSource | CallableSource
     compute_dtype: torch.dtype
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self.inner.shape
+        return self.source.shape
 
 
 @dataclass
@@ -217,6 +217,7 @@ class ChunkedBackend(BackendBase):
     name = "chunked"
 
     def __init__(self, rows: int, device: torch.device | str, inner: Backend) -> None:
+        """``rows`` per block (``rows_for_budget`` capped by ``cap_block_rows``), passes run by ``inner``."""
         self.device = resolve_device(device)
         self.inner = inner  # runs the passes over each block (``selflabel.select.for_blocks``)
         self.rows = rows
@@ -225,10 +226,9 @@ class ChunkedBackend(BackendBase):
     def prepare(self, source: ChunkedScores, lamb: float, probs: bool, exponentiate: bool) -> Prepared:
         h, n, k = source.shape
         dtype, dev = source.compute_dtype, self.device
-        self.rows = cap_block_rows(self.rows, source.shape, source.inner.itemsize, dev)
         if self._feed is None:  # one set of transfer buffers for every pass of this solve
-            self._feed = DeviceFeed(dev, source.shape, self.rows, source.inner.dtype)
-        mat = Streamed(source.inner, self.rows, lamb, probs, exponentiate, dtype, self._feed, self._advance)
+            self._feed = DeviceFeed(dev, source.shape, self.rows, source.source.dtype)
+        mat = Streamed(source.source, self.rows, lamb, probs, exponentiate, dtype, self._feed, self._advance)
         rowmax = torch.empty(h, n, dtype=dtype, device=dev)
         rowsum = torch.empty(h, n, dtype=torch.float64, device=dev)
         rowmin = torch.empty(h, n, dtype=torch.float64, device=dev)
