@@ -61,6 +61,78 @@ def relaxed_step(y, omega):
     return tl.where((y <= 0) | (gain >= 0), omega * y, y)
 
 
+# The steps of the log-domain passes (kernels/logdomain.py, kernels/implicit.py). A row block's log-terms
+# z = L + g come as [BLOCK_N, BLOCK_K] tiles (the resident pass: one [BLOCK_N, K_PAD] block) in the
+# pass's dtype, masked entries -inf; r_i, s_i = max / sum-exp of row i. Row i's update is
+# f_i = log a_i - r_i - log s_i, with weight alpha_i = a_i / s_i = exp(f_i + r_i): it adds
+# alpha_i exp(z_ij - r_i) to column j's mass, a term whose log is z_ij + (log alpha_i - r_i).
+
+@triton.jit
+def online_lse(r, s, z):
+    """One tile of a row-wise online log-sum-exp.
+
+    r, s: [BLOCK_N] running row maxima and sums of exp(z - r) (start at -inf and 0);
+    z: [BLOCK_N, BLOCK_K] the tile's log-terms, masked entries -inf; all of one float dtype.
+    Returns the updated (r, s): the rows' log-sum-exp so far is r + log s."""
+    r_new = tl.maximum(r, tl.max(z, axis=1))
+    return r_new, s * tl.exp(r - r_new) + tl.sum(tl.exp(z - r_new[:, None]), axis=1)
+
+
+@triton.jit
+def update_row_potentials(F, rows, rmask, log_a, log_s, r, omega, change):
+    """F[rows] <- log a - r - log s in place, over-relaxed from the old F[rows] (``relaxed_step``)
+    when omega != 1.
+
+    F: pointer to the head's row potentials, of the pass's dtype; rows, rmask: [BLOCK_N] int32
+    row indices and int1 the rows that exist; log_a, log_s, r: [BLOCK_N] in the pass's dtype;
+    omega: scalar of that dtype; change: [BLOCK_N] float64, the running sum of |exp(f_old - f) - 1|.
+    Returns [BLOCK_N] (alpha, shift, change): the column-mass weight alpha = exp(f + r) of the new f
+    (0 on masked rows); shift = log alpha - r (-inf on masked rows), the log of exactly that weight,
+    so that ``column_max`` is the log of the largest term ``column_mass`` adds (f itself would
+    differ from it by a rounding when over-relaxed); change with these rows added."""
+    log_alpha = log_a - log_s
+    f_new = log_alpha - r
+    f_old = tl.load(F + rows, mask=rmask, other=0.0)
+    if omega != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
+        f_new = f_old + relaxed_step(f_new - f_old, omega)
+        log_alpha = f_new + r
+    change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
+    tl.store(F + rows, f_new, mask=rmask)
+    alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
+    shift = tl.where(rmask, log_alpha - r, float("-inf"))
+    return alpha, shift, change
+
+
+@triton.jit
+def column_mass(alpha, z, r):
+    """A tile's column sums sum_i alpha_i exp(z_ij - r_i), [BLOCK_K] (every exp <= 1).
+
+    alpha, r: [BLOCK_N] the row weights (``update_row_potentials``) and row maxima;
+    z: [BLOCK_N, BLOCK_K] the log-terms; one float dtype."""
+    return tl.sum(alpha[:, None] * tl.exp(z - r[:, None]), axis=0)
+
+
+@triton.jit
+def column_max(z, shift):
+    """A tile's column maxima max_i z_ij + shift_i, [BLOCK_K]: the log of each column's largest
+    term in ``column_mass``.
+
+    z: [BLOCK_N, BLOCK_K] the log-terms; shift: [BLOCK_N] from ``update_row_potentials``."""
+    return tl.max(z + shift[:, None], axis=0)
+
+
+@triton.jit
+def add_column_partials(W_PART, MX_PART, poff, cols, cmask, w, mx):
+    """W_PART[poff + cols] += w and MX_PART[poff + cols] = max(MX_PART[poff + cols], mx), where cmask.
+
+    W_PART, MX_PART: pointers to the column partials (sums, maxima), of w's dtype; poff: int64 offset
+    of the program's partials; cols, cmask: [BLOCK_K] int32 columns and int1 the columns that exist;
+    w, mx: [BLOCK_K] from ``column_mass`` and ``column_max``."""
+    tl.store(W_PART + poff + cols, tl.load(W_PART + poff + cols, mask=cmask, other=0.0) + w, mask=cmask)
+    old = tl.load(MX_PART + poff + cols, mask=cmask, other=float("-inf"))
+    tl.store(MX_PART + poff + cols, tl.maximum(old, mx), mask=cmask)
+
+
 def prune_by_vec(configs_for, matrix: str):
     """An ``early_config_prune`` keeping the configs ``configs_for(element_size, VEC)`` names for the
     launch's matrix argument ``matrix`` (what compiles without spills depends on the load width)."""

@@ -8,14 +8,19 @@ log-domain pass of ``kernels/logdomain.py``:
 
     L_ij = lamb * (S_ij + b_j - m_i)                       (m: row maxima of S + b, (N,))
     r_i, s_i = online max / sum-exp of L_ij + g_j over the column tiles
-    f_i = log a_i - r_i - log s_i,   alpha_i = a_i / s_i
-    W_PART += sum_i alpha_i exp(L_ij + g_j - r_i),   MX_PART = max(MX_PART, max_i L_ij + g_j + f_i)
+    f_i = log a_i - r_i - log s_i,   alpha_i = a_i / s_i   (over-relaxed: alpha_i = exp(f_i + r_i))
+    W_PART += sum_i alpha_i exp(L_ij + g_j - r_i)
+    MX_PART = max(MX_PART, max_i L_ij + g_j - r_i + log alpha_i)   (the log of W_PART's largest term)
 
-Shapes: X (N, D), W (K, D), BIAS (K,), ROWMAX (N,), LOG_A (N,), F (N,), G (K,), one head per
-launch; X, W contiguous. Program p owns the row blocks p, p + P, ... and the column partials
-W_PART[p, :], MX_PART[p, :]; per row block it sweeps the column tiles twice (row LSE, then
-the column partials of the updated rows), recomputing the tile from X and W each time: one
-launch and memory O(N*D + P*K) per iteration.
+in the steps it shares with that pass (kernels/_common.py: ``online_lse``, ``update_row_potentials``,
+``column_mass``, ``column_max``, ``add_column_partials``).
+
+Shapes: X (N, D), W (K, D) float16/bfloat16/float32/float64; BIAS (K,), ROWMAX (N,), LOG_A (N,),
+F (N,), G (K,) and the column partials W_PART, MX_PART (P, K) float32 (float64 for float64
+features); CHANGE_PART (P,) float64; one head per launch, all contiguous. Program p owns the row
+blocks p, p + P, ... and the column partials W_PART[p, :], MX_PART[p, :]; per row block it sweeps
+the column tiles twice (row LSE, then the column partials of the updated rows), recomputing the
+tile from X and W each time: one launch and memory O(N*D + P*K) per iteration.
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, configs, log_column_mass, max_programs, relaxed_step
+from ._common import (
+    add_column_partials,
+    check_tensors,
+    column_mass,
+    column_max,
+    configs,
+    log_column_mass,
+    max_programs,
+    online_lse,
+    update_row_potentials,
+)
 
 
 @triton.jit
@@ -103,30 +118,17 @@ def _implicit_log_pass_kernel(X, W, BIAS, ROWMAX, LOG_A, F, G, W_PART, MX_PART, 
                             BLOCK_N, BLOCK_K, BLOCK_D, HAS_BIAS, EXACT, PRECISION).to(dt)
             g = tl.load(G + cols, mask=cmask, other=0.0)
             z = tl.where(cmask[None, :], x + g[None, :], float("-inf"))
-            r_new = tl.maximum(r, tl.max(z, axis=1))
-            s = s * tl.exp(r - r_new) + tl.sum(tl.exp(z - r_new[:, None]), axis=1)
-            r = r_new
-        log_alpha = tl.load(LOG_A + rows, mask=rmask, other=0.0) - tl.log(s)
-        f_new = log_alpha - r
-        f_old = tl.load(F + rows, mask=rmask, other=0.0)
-        if omega != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
-            f_new = f_old + relaxed_step(f_new - f_old, omega)
-            log_alpha = f_new + r
-        change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
-        tl.store(F + rows, f_new, mask=rmask)
-        alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
-        shift = tl.where(rmask, f_new, float("-inf"))
+            r, s = online_lse(r, s, z)
+        log_a = tl.load(LOG_A + rows, mask=rmask, other=0.0)
+        alpha, shift, change = update_row_potentials(F, rows, rmask, log_a, tl.log(s), r, omega, change)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + cols0
             cmask = cols < K
             x = _score_tile(X, W, BIAS, rows, cols, rmask, cmask, D, lamb, m,
                             BLOCK_N, BLOCK_K, BLOCK_D, HAS_BIAS, EXACT, PRECISION).to(dt)
             z = x + tl.load(G + cols, mask=cmask, other=0.0)[None, :]
-            w = tl.sum(alpha[:, None] * tl.exp(z - r[:, None]), axis=0)
-            mx = tl.max(z + shift[:, None], axis=0)
-            tl.store(W_PART + poff + cols, tl.load(W_PART + poff + cols, mask=cmask, other=0.0) + w, mask=cmask)
-            old = tl.load(MX_PART + poff + cols, mask=cmask, other=float("-inf"))
-            tl.store(MX_PART + poff + cols, tl.maximum(old, mx), mask=cmask)
+            w = column_mass(alpha, z, r)
+            add_column_partials(W_PART, MX_PART, poff, cols, cmask, w, column_max(z, shift))
     tl.store(CHANGE_PART + pid, tl.sum(change, axis=0))
 
 

@@ -6,9 +6,9 @@ float64. Program (p, h) owns the row blocks p, p + P, ... of head h and the colu
 W_PART[h, p, :] (sums) and MX_PART[h, p, :] (maxima). Per block:
 
     r_i, s_i = max / sum-exp of L_ij + g_j over the row
-    f_i = log a_i - r_i - log s_i,   alpha_i = a_i / s_i
+    f_i = log a_i - r_i - log s_i,   alpha_i = a_i / s_i   (over-relaxed: alpha_i = exp(f_i + r_i))
     W_PART += sum_i alpha_i exp(L_ij + g_j - r_i)      (entries <= 1: no overflow)
-    MX_PART = max(MX_PART, max_i L_ij + g_j - r_i + log alpha_i)
+    MX_PART = max(MX_PART, max_i L_ij + g_j - r_i + log alpha_i)   (the log of W_PART's largest term)
 
 The host sums / maxes the partials: log W_j = log(sum) where the sum is a normal
 number, else the max (a lower bound within log N of the true value, for columns
@@ -19,6 +19,9 @@ at most RESIDENT_BYTES) loads a row block into registers once, takes r and s fro
 column partials from the same registers (one exponential per entry, partials in registers across
 the program's blocks); ``_log_stream_kernel`` (longer rows) sweeps the row block twice in BLOCK_K
 tiles, an online max / sum-exp then the partials, re-reading the block (from L2 if it is still there).
+The steps shared with kernels/implicit.py are @triton.jit helpers in kernels/_common.py: ``online_lse``,
+``update_row_potentials`` (f in place, with the over-relaxation; alpha and the shift), ``column_mass``,
+``column_max`` and ``add_column_partials``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    add_column_partials,
     check_tensors,
+    column_mass,
+    column_max,
     configs,
     log_column_mass,
     max_programs,
+    online_lse,
     prune_by_vec,
-    relaxed_step,
     tiles,
     union,
+    update_row_potentials,
     vector_width,
 )
 from .scaling import RESIDENT_CONFIGS, prune_resident, resident, resident_block_n  # one resident space for both
@@ -89,18 +96,11 @@ def _log_resident_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N,
         z = tl.where(cmask[None, :], x + g[None, :], float("-inf"))
         r = tl.max(z, axis=1)
         e = tl.exp(z - r[:, None])
-        log_alpha = tl.load(LOG_A + rows, mask=rmask, other=0.0) - tl.log(tl.sum(e, axis=1))
-        f_new = log_alpha - r
-        f_old = tl.load(F + frow + rows, mask=rmask, other=0.0)
-        if omega != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
-            f_new = f_old + relaxed_step(f_new - f_old, omega)
-            log_alpha = f_new + r
-        change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
-        tl.store(F + frow + rows, f_new, mask=rmask)
-        alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
-        shift = tl.where(rmask, log_alpha - r, float("-inf"))
-        w_acc += tl.sum(alpha[:, None] * e, axis=0)
-        mx_acc = tl.maximum(mx_acc, tl.max(z + shift[:, None], axis=0))
+        log_a = tl.load(LOG_A + rows, mask=rmask, other=0.0)
+        log_s = tl.log(tl.sum(e, axis=1))
+        alpha, shift, change = update_row_potentials(F + frow, rows, rmask, log_a, log_s, r, omega, change)
+        w_acc += tl.sum(alpha[:, None] * e, axis=0)  # column_mass(alpha, z, r), reusing e
+        mx_acc = tl.maximum(mx_acc, column_max(z, shift))
     poff = (h * NPROG + pid).to(tl.int64) * KS
     tl.store(W_PART + poff + cols, w_acc, mask=cmask)
     tl.store(MX_PART + poff + cols, mx_acc, mask=cmask)
@@ -140,32 +140,17 @@ def _log_stream_kernel(L, LOG_A, F, G, W_PART, MX_PART, CHANGE_PART, NPROG, N, K
             x = tl.load(L + roff + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
             g = tl.load(G + h * KS + cols, mask=cmask, other=0.0)
             z = tl.where(cmask[None, :], x + g[None, :], float("-inf"))
-            r_new = tl.maximum(r, tl.max(z, axis=1))
-            s = s * tl.exp(r - r_new) + tl.sum(tl.exp(z - r_new[:, None]), axis=1)
-            r = r_new
+            r, s = online_lse(r, s, z)
         log_a = tl.load(LOG_A + rows, mask=rmask, other=0.0)
-        log_alpha = log_a - tl.log(s)
-        f_new = log_alpha - r
-        f_old = tl.load(F + frow + rows, mask=rmask, other=0.0)
-        if omega != 1.0:  # over-relaxed; alpha = exp(f + r) follows it
-            f_new = f_old + relaxed_step(f_new - f_old, omega)
-            log_alpha = f_new + r
-        change += tl.where(rmask, tl.abs(tl.exp(f_old.to(tl.float64) - f_new.to(tl.float64)) - 1.0), 0.0)
-        tl.store(F + frow + rows, f_new, mask=rmask)
-        alpha = tl.where(rmask, tl.exp(log_alpha), 0.0)
-        shift = tl.where(rmask, log_alpha - r, float("-inf"))
+        alpha, shift, change = update_row_potentials(F + frow, rows, rmask, log_a, tl.log(s), r, omega, change)
         for k0 in range(0, KS, BLOCK_K):
             cols = k0 + cols0
             cmask = cols < KS
             x = tl.load(L + roff + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
             g = tl.load(G + h * KS + cols, mask=cmask, other=0.0)
             z = x + g[None, :]
-            e = tl.exp(z - r[:, None])
-            w = tl.sum(alpha[:, None] * e, axis=0)
-            mx = tl.max(z + shift[:, None], axis=0)
-            tl.store(W_PART + poff + cols, tl.load(W_PART + poff + cols, mask=cmask, other=0.0) + w, mask=cmask)
-            old = tl.load(MX_PART + poff + cols, mask=cmask, other=float("-inf"))
-            tl.store(MX_PART + poff + cols, tl.maximum(old, mx), mask=cmask)
+            w = column_mass(alpha, z, r)
+            add_column_partials(W_PART, MX_PART, poff, cols, cmask, w, column_max(z, shift))
     tl.store(CHANGE_PART + h * NPROG + pid, tl.sum(change, axis=0))
 
 
