@@ -1,4 +1,6 @@
-"""Build selflabel and its C++ extension selflabel._C from csrc/.
+"""Build selflabel and its C++ extensions from csrc/: selflabel._C (the fused CPU kernels: bindings.cpp,
+which includes checks.h, kernels.h and vec_math.h) and selflabel._C_test (test_hooks.cpp: the hooks that only the
+tests use, kept out of the production module; always built, never imported by the package).
 
 The extension compiles against the torch that runs this script, so build where the torch you
 train with is installed: ``pip install --no-build-isolation .`` (plain ``pip install .`` builds in
@@ -7,6 +9,7 @@ an isolated environment against the newest torch instead). CPU sources are alway
 build without -march=native (for wheels that move between machines).
 """
 
+import glob
 import os
 import re
 import sys
@@ -32,7 +35,8 @@ def sdist_only() -> bool:
 
 
 def extension() -> dict:
-    """``ext_modules`` and ``cmdclass`` for selflabel._C, or a one-line exit when torch is missing."""
+    """``ext_modules`` and ``cmdclass`` for selflabel._C and selflabel._C_test, or a one-line exit when torch
+    is missing."""
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -47,14 +51,19 @@ def extension() -> dict:
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # no -std: cpp_extension adds the one torch's headers need
     if os.environ.get("SELFLABEL_PORTABLE", "0") != "1":
         cxx_flags.append("-march=native")
-    ext = CppExtension(
-        name="selflabel._C",
-        sources=["csrc/sinkhorn.cpp"],
-        depends=["csrc/vec_math.h"],
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
-    )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+    # every header, so that editing any of them rebuilds both extensions (as the Makefile's SOURCES does)
+    headers = sorted(glob.glob("csrc/*.h", root_dir=HERE))
+    exts = [
+        CppExtension(
+            name=name,
+            sources=[source],  # one translation unit each: the headers hold the rest
+            depends=headers,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+        for name, source in (("selflabel._C", "csrc/bindings.cpp"), ("selflabel._C_test", "csrc/test_hooks.cpp"))
+    ]
+    return {"ext_modules": exts, "cmdclass": {"build_ext": BuildExtension}}
 
 
 setup(

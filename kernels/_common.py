@@ -42,7 +42,7 @@ def union(*spaces: list[triton.Config]) -> list[triton.Config]:
 
 # A log-domain pass sums each column's mass exp(L + f + g) from its programs' partials; below this many
 # times the dtype's smallest normal number that sum may be mostly flushed-to-zero terms, so the column's
-# largest log-term stands in for its log. csrc/sinkhorn.cpp's log pass applies the same rule.
+# largest log-term stands in for its log. csrc/kernels.h's log pass applies the same rule.
 UNDERFLOW_MARGIN = 1e8
 
 

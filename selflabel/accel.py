@@ -18,7 +18,7 @@ iteration cannot diverge and its fixed point is plain Sinkhorn-Knopp's.
 ``omega`` is chosen from the errors the solver measures at its checks (``Relaxation``):
 the row update of a pass that ends at a check runs plain, so the reported error is that of
 a row-exact plan, as without acceleration. The C++ and Triton passes apply the same rule per row
-(``relaxed_step`` in csrc/sinkhorn.cpp and kernels/_common.py).
+(``relaxed_step`` in csrc/kernels.h and kernels/_common.py).
 """
 
 from __future__ import annotations

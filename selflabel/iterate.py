@@ -9,7 +9,7 @@ One iteration, scaling form (M = exp(lamb*(S - rowmax)), one read of M)::
 The column mass of the plan (u, v) before the v update is ``v * w``, so the marginal error of a
 row-exact plan comes out of every pass for free; the solver returns that plan (rows exact,
 columns within ``tol``). The log form does the same with potentials f = log u, g = log v and
-log-sum-exps.
+log-sum-exps (csrc/kernels.h, kernels/logdomain.py).
 """
 
 from __future__ import annotations

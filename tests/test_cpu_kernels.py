@@ -2,11 +2,12 @@
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
-from selflabel import _C
+from selflabel import _C, _C_test
 from selflabel.backends import ScoreBlock
 from selflabel.backends.cpu import CpuBackend, WorkerCount
 from selflabel.backends.torch_ref import TorchBackend
@@ -253,17 +254,18 @@ def test_thread_count_changing_between_passes_gives_the_same_bits(monkeypatch, a
 
 @pytest.mark.parametrize("dtype,ulps", [(torch.float32, 2), (torch.float64, 4)])
 def test_vectorised_exp_and_log_accuracy(dtype, ulps):
+    """csrc/vec_math.h's exp and log, through the test-only extension selflabel._C_test (csrc/test_hooks.cpp)."""
     eps = torch.finfo(dtype).eps
     lo = -87.0 if dtype == torch.float32 else -708.0
     x = torch.linspace(lo, 88.0 if dtype == torch.float32 else 709.0, 200_001, dtype=dtype)
     ref = torch.exp(x.double())
-    rel = ((_C.vec_exp(x).double() - ref) / ref).abs().max().item()
+    rel = ((_C_test.vec_exp(x).double() - ref) / ref).abs().max().item()
     assert rel <= ulps * eps
-    assert _C.vec_exp(torch.tensor([-1e4, 1e4], dtype=dtype)).tolist() == [0.0, float("inf")]
+    assert _C_test.vec_exp(torch.tensor([-1e4, 1e4], dtype=dtype)).tolist() == [0.0, float("inf")]
     p = torch.logspace(-30, 30, 100_001, dtype=torch.float64).to(dtype)
-    err = (_C.vec_log(p).double() - torch.log(p.double())).abs() / torch.log(p.double()).abs().clamp_min(1)
+    err = (_C_test.vec_log(p).double() - torch.log(p.double())).abs() / torch.log(p.double()).abs().clamp_min(1)
     assert err.max().item() <= ulps * eps
-    special = _C.vec_log(torch.tensor([0.0, -1.0, float("inf"), torch.finfo(dtype).tiny / 4], dtype=dtype))
+    special = _C_test.vec_log(torch.tensor([0.0, -1.0, float("inf"), torch.finfo(dtype).tiny / 4], dtype=dtype))
     assert special[0] == -float("inf") and torch.isnan(special[1]) and special[2] == float("inf")
     assert abs(special[3].item() - torch.log(torch.tensor(torch.finfo(dtype).tiny / 4, dtype=torch.float64))) < 1e-5
 
@@ -288,3 +290,22 @@ def test_kernels_reject_bad_tensors():
         _C.log_pass(M, torch.rand(4), torch.rand(1, 4), torch.rand(1, 3), shift=torch.rand(1, 4))
     with pytest.raises(RuntimeError, match="threads must be >= 0"):
         _C.labels(M, torch.rand(1, 3), True, threads=-1)
+    with pytest.raises(RuntimeError, match=r"omega \(the over-relaxation factor\) must be in \[1, 2\)"):
+        _C.scaling_pass(M, torch.rand(4), torch.rand(1, 4), torch.rand(1, 3), omega=2.0)
+    with pytest.raises(RuntimeError, match="row_offset must be >= 0"):
+        _C.labels(M, torch.rand(1, 3), True, row_offset=-1)
+    with pytest.raises(RuntimeError, match="col_pot must be finite"):
+        _C.prepare(M, 1.0, False, True, col_pot=torch.tensor([[0.0, float("inf"), 0.0]]))
+    with pytest.raises(RuntimeError, match="M must be contiguous"):
+        _C.column_sums(M.transpose(1, 2).contiguous().transpose(1, 2), torch.rand(1, 4))
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        _C.normalised_rows(M, torch.rand(1, 4))
+    with pytest.raises(RuntimeError, match="x must be a CPU tensor"):
+        _C_test.vec_exp(torch.rand(3, device="meta"))
+
+
+def test_test_hooks_stay_out_of_the_package():
+    """vec_exp and vec_log live in the test-only selflabel._C_test; no module of the package imports it."""
+    assert not hasattr(_C, "vec_exp") and not hasattr(_C, "vec_log")
+    package = Path(_C.__file__).parent
+    assert not [p for p in package.rglob("*.py") if "_C_test" in p.read_text(encoding="utf-8")]

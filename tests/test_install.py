@@ -55,7 +55,7 @@ def test_sdist_carries_everything_the_build_needs(sdist):
     needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "selflabel/py.typed"}
     for folder, pattern in (("csrc", "*"), ("kernels", "*.py"), ("selflabel", "**/*.py"), ("tests", "*.py")):
         needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).glob(pattern) if p.is_file()}
-    assert "csrc/vec_math.h" in needed
+    assert {"csrc/bindings.cpp", "csrc/checks.h", "csrc/kernels.h", "csrc/test_hooks.cpp", "csrc/vec_math.h"} <= needed
     assert needed <= names, f"missing from the sdist: {sorted(needed - names)}"
     assert not [n for n in names if n.endswith((".so", ".pyc"))]
 
@@ -108,6 +108,7 @@ def test_wheel_built_from_the_sdist_installs_and_imports_elsewhere(sdist, tmp_pa
         assert _metadata(zf.read(meta_name).decode())["Version"] == selflabel.__version__
     assert "selflabel/py.typed" in names and any(n.endswith("licenses/LICENSE") for n in names)
     assert any(re.fullmatch(r"selflabel/_C\..*\.so", n) for n in names)
+    assert any(re.fullmatch(r"selflabel/_C_test\..*\.so", n) for n in names)  # built always: the tests need it
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "-q", "--target", str(target),
           str(wheel)], timeout=300)
     probe = (

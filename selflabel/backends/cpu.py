@@ -1,4 +1,4 @@
-"""Fused C++ CPU backend: thin wrappers over selflabel._C (csrc/sinkhorn.cpp)."""
+"""Fused C++ CPU backend: thin wrappers over selflabel._C (csrc/bindings.cpp, csrc/kernels.h)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// Fused CPU kernels for the Sinkhorn-Knopp self-labelling solver.
+// The fused CPU kernels of the Sinkhorn-Knopp self-labelling solver (selflabel._C).
 //
 // Every kernel takes a batch of H heads: the kernel matrix is (H, N, K), row
 // quantities are (H, N), column quantities are (H, K), all contiguous and of the
@@ -7,9 +7,14 @@
 // one partial buffer per chunk (accumulated in double) that is reduced in chunk
 // order after the parallel region, so each iteration reads the matrix from memory
 // exactly once and results do not depend on the number of threads.
-#include <torch/extension.h>
+//
+// The `*_impl<scalar_t>` entry points assume checked operands: bindings.cpp runs
+// checks.h on every input, then dispatches on the dtype (AT_DISPATCH_FLOATING_TYPES).
+#pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
 
 #if defined(__SSE2__)
 #include <xmmintrin.h>
@@ -18,40 +23,20 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
 #include "vec_math.h"
 
 namespace selflabel {
-namespace {
 
 using acc_t = double;
 constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
-void check_matrix(const at::Tensor& m, const char* name) {
-  TORCH_CHECK(m.device().is_cpu(), name, " must be a CPU tensor, got ", m.device());
-  TORCH_CHECK(m.dim() == 3, name, " must have shape (H, N, K), got ", m.sizes());
-  TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", m.scalar_type());
-  TORCH_CHECK(m.numel() > 0, name, " must not be empty");
-}
-
-void check_vector(const at::Tensor& t, const at::Tensor& m, int64_t len, const char* name,
-                  bool per_head = true) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == m.scalar_type(), name, " must have dtype ", m.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  if (per_head) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == m.size(0) && t.size(1) == len, name,
-                " must have shape (", m.size(0), ", ", len, "), got ", t.sizes());
-  } else {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == len, name, " must have shape (", len, "), got ",
-                t.sizes());
-  }
-}
-
+// ---------------------------------------------------------------------------
+// Parallel machinery: denormal flushing, row chunks, per-chunk partials.
+// ---------------------------------------------------------------------------
 // Denormal floats cost a microcode assist per operation on x86 (measured: a float32
 // scaling pass over softmax outputs at lamb 25, where most kernel entries are tiny,
 // ran 10x slower). Each worker flushes them to zero (FTZ and DAZ) while it runs a
@@ -161,9 +146,12 @@ class ChunkSum {
   std::vector<acc_t> data_;
 };
 
-acc_t max_op(acc_t x, acc_t y) { return std::max(x, y); }
-acc_t sum_op(acc_t x, acc_t y) { return x + y; }
+inline acc_t max_op(acc_t x, acc_t y) { return std::max(x, y); }
+inline acc_t sum_op(acc_t x, acc_t y) { return x + y; }
 
+// ---------------------------------------------------------------------------
+// Kernel conventions.
+// ---------------------------------------------------------------------------
 // Each kernel is a row-range function on plain pointers (what one thread does
 // with one chunk of rows), run per head over RowChunks. Plain pointer
 // arguments keep GCC's vectoriser from reloading lambda captures per element.
@@ -176,6 +164,9 @@ constexpr int64_t kRows = 4;  // rows per group in the scaling pass
 constexpr int64_t kTile = 512;
 constexpr int64_t kFlushRows = 64;
 
+// ---------------------------------------------------------------------------
+// Row providers: where a pass finds the rows of its kernel matrix.
+// ---------------------------------------------------------------------------
 // One row of the log kernel: o = lamb * (x - m), x = log s for probabilities, s otherwise.
 // `prepare` and the score mode of the passes share it, so both give the same bits.
 template <typename T>
@@ -581,144 +572,10 @@ void labels_impl(const at::Tensor& mat, RowsOf rows_of, const at::Tensor& log_v,
   }
 }
 
-template <typename scalar_t, bool kExp>
-void elementwise_impl(const at::Tensor& x, at::Tensor& y) {
-  const scalar_t* X = x.data_ptr<scalar_t>();
-  scalar_t* Y = y.data_ptr<scalar_t>();
-  const int64_t n = x.numel();
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) Y[i] = kExp ? vexp(X[i]) : vlog(X[i]);
-}
-
-// ----------------------------- bindings ------------------------------------
-// Every pass takes `threads`: at most that many worker threads (0: all of torch's).
-
-void check_threads(int64_t threads) {
-  TORCH_CHECK(threads >= 0, "threads must be >= 0 (0 uses all of torch's intra-op threads), got ", threads);
-}
-
-void check_omega(double omega) {
-  TORCH_CHECK(omega >= 1.0 && omega < 2.0, "omega (the over-relaxation factor) must be in [1, 2), got ", omega);
-}
-
-
-// x = log(S) for probabilities, S otherwise; m_i = max_j x_ij;
-// out_ij = lamb * (x_ij - m_i) (log kernel) or exp of it (exponentiate: scaling kernel).
-// With `col_pot` (H, K), absorbed column potentials g: out_ij = lamb * (x_ij - m_i) + g_j + f_i
-// (or its exp) with f_i = -max_j (lamb * (x_ij - m_i) + g_j), so every row's maximum is 0 (1),
-// and f is returned as the row potentials (zeros without col_pot).
-// Returns {out (H,N,K), m (H,N), column max of lamb*(x - m) (H,K),
-//          raw row sum (H,N) double, raw row min (H,N) double, f (H,N)}.
-std::vector<at::Tensor> prepare(const at::Tensor& scores_in, double lamb, bool probs, bool exponentiate,
-                                int64_t threads, const c10::optional<at::Tensor>& col_pot) {
-  check_matrix(scores_in, "scores");
-  TORCH_CHECK(std::isfinite(lamb) && lamb > 0, "lamb must be a positive finite number, got ", lamb);
-  check_threads(threads);
-  const at::Tensor scores = scores_in.contiguous();
-  const int64_t H = scores.size(0), N = scores.size(1), K = scores.size(2);
-  if (col_pot.has_value()) {
-    check_vector(*col_pot, scores, K, "col_pot");
-    TORCH_CHECK(at::isfinite(*col_pot).all().item<bool>(), "col_pot must be finite");
-  }
-  at::Tensor out = at::empty_like(scores);
-  at::Tensor rowmax = at::empty({H, N}, scores.options());
-  at::Tensor colmax = at::empty({H, K}, scores.options());
-  at::Tensor row_pot = at::zeros({H, N}, scores.options());
-  const auto dopt = scores.options().dtype(at::kDouble);
-  at::Tensor rowsum = at::empty({H, N}, dopt);
-  at::Tensor rowmin = at::empty({H, N}, dopt);
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "selflabel_prepare", [&] {
-    prepare_impl<scalar_t>(scores, lamb, probs, exponentiate, out, rowmax, colmax, rowsum, rowmin, col_pot, row_pot,
-                           threads);
-  });
-  return {out, rowmax, colmax, rowsum, rowmin, row_pot};
-}
-
-// Score mode of the passes below: with `shift` (H, N) (the row max `prepare`
-// returned), the matrix argument holds the raw scores and each kernel row is
-// recomputed from them inside the pass (ScoreRows) with the same lamb and probs.
-void check_shift(const c10::optional<at::Tensor>& shift, const at::Tensor& m, double lamb) {
-  if (!shift.has_value()) return;
-  check_vector(*shift, m, m.size(1), "shift");
-  TORCH_CHECK(std::isfinite(lamb) && lamb > 0, "lamb must be a positive finite number when shift is given, got ",
-              lamb);
-}
-
-// Scaling form: per row t_i = sum_j M_ij v_j, u_i <- a_i / t_i; per column
-// w_j = sum_i M_ij u_i with the new u, from the same cache-resident row.
-// Updates u in place; returns {w (H,K), sum_i |u_old/u_new - 1| (H,) double}.
-std::vector<at::Tensor> scaling_pass(const at::Tensor& M, const at::Tensor& a, at::Tensor& u,
-                                     const at::Tensor& v, const c10::optional<at::Tensor>& shift, double lamb,
-                                     bool probs, int64_t threads, double omega) {
-  check_matrix(M, "M");
-  TORCH_CHECK(M.is_contiguous(), "M must be contiguous");
-  const int64_t H = M.size(0), N = M.size(1), K = M.size(2);
-  check_vector(a, M, N, "a", /*per_head=*/false);
-  check_vector(u, M, N, "u");
-  check_vector(v, M, K, "v");
-  check_shift(shift, M, lamb);
-  check_threads(threads);
-  check_omega(omega);
-  at::Tensor w = at::empty({H, K}, M.options());
-  at::Tensor change = at::empty({H}, M.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_scaling_pass", [&] {
-    with_rows<scalar_t>(M, shift, lamb, probs, /*expo=*/true,
-                        [&](auto rows_of) { scaling_pass_impl<scalar_t>(M, rows_of, a, u, v, w, change, threads, omega); });
-  });
-  return {w, change};
-}
-
-// Log domain: per row z_ij = L_ij + g_j, r_i = max_j z_ij, s_i = sum_j exp(z_ij - r_i),
-// f_i <- log a_i - r_i - log s_i; per column log W_j = log sum_i exp(L_ij + f_i + g_j),
-// the column mass of (f, g). The column sum reuses e_ij = exp(z_ij - r_i) <= 1 from
-// the row step weighted by alpha_i = a_i / s_i <= a_i: one exp per entry, no
-// overflow. Where a column's mass underflows (a transient state far from the
-// optimum) log W_j falls back to max_i log(e_ij alpha_i), a lower bound within
-// log N of the true value; the next iteration corrects it.
-// Updates f in place; returns {log W (H,K), sum_i |exp(f_old - f_new) - 1| (H,) double}.
-std::vector<at::Tensor> log_pass(const at::Tensor& L, const at::Tensor& log_a, at::Tensor& f,
-                                 const at::Tensor& g, const c10::optional<at::Tensor>& shift, double lamb,
-                                 bool probs, int64_t threads, double omega) {
-  check_matrix(L, "L");
-  TORCH_CHECK(L.is_contiguous(), "L must be contiguous");
-  const int64_t H = L.size(0), N = L.size(1), K = L.size(2);
-  check_vector(log_a, L, N, "log_a", /*per_head=*/false);
-  check_vector(f, L, N, "f");
-  check_vector(g, L, K, "g");
-  check_shift(shift, L, lamb);
-  check_threads(threads);
-  check_omega(omega);
-  at::Tensor logw = at::empty({H, K}, L.options());
-  at::Tensor change = at::empty({H}, L.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "selflabel_log_pass", [&] {
-    with_rows<scalar_t>(L, shift, lamb, probs, /*expo=*/false,
-                        [&](auto rows_of) { log_pass_impl<scalar_t>(L, rows_of, log_a, f, g, logw, change, threads, omega); });
-  });
-  return {logw, change};
-}
-
-// In score mode `linear` also selects the kernel: exp(lamb (x - m)) when true, lamb (x - m) otherwise.
-// `row_offset`: the global index of the first row (ties are broken by global row index).
-at::Tensor labels(const at::Tensor& mat, const at::Tensor& log_v, bool linear,
-                  const c10::optional<at::Tensor>& shift, double lamb, bool probs, int64_t threads,
-                  int64_t row_offset) {
-  check_matrix(mat, "mat");
-  TORCH_CHECK(mat.is_contiguous(), "mat must be contiguous");
-  check_vector(log_v, mat, mat.size(2), "log_v");
-  check_shift(shift, mat, lamb);
-  check_threads(threads);
-  TORCH_CHECK(row_offset >= 0, "row_offset must be >= 0, got ", row_offset);
-  at::Tensor out = at::empty({mat.size(0), mat.size(1)}, mat.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(mat.scalar_type(), "selflabel_labels", [&] {
-    with_rows<scalar_t>(mat, shift, lamb, probs, /*expo=*/linear,
-                        [&](auto rows_of) { labels_impl<scalar_t>(mat, rows_of, log_v, linear, out, threads, row_offset);
-                        });
-  });
-  return out;
-}
-
+// ---------------------------------------------------------------------------
 // column_sums: w_j = sum_i u_i M_ij, one read of M (the first cluster normalisation of the
 // fixed-iteration drop-ins).
+// ---------------------------------------------------------------------------
 template <typename T>
 void column_sum_rows(const T* __restrict__ M, const T* __restrict__ U, acc_t* __restrict__ wp, int64_t begin,
                      int64_t end, int64_t K) {
@@ -744,20 +601,10 @@ void column_sums_impl(const at::Tensor& M, const at::Tensor& u, at::Tensor& w, i
   }
 }
 
-// Returns w (H, K) in M's dtype.
-at::Tensor column_sums(const at::Tensor& M, const at::Tensor& u, int64_t threads) {
-  check_matrix(M, "M");
-  TORCH_CHECK(M.is_contiguous(), "M must be contiguous");
-  check_vector(u, M, M.size(1), "u");
-  check_threads(threads);
-  at::Tensor w = at::empty({M.size(0), M.size(2)}, M.options());
-  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_column_sums",
-                             [&] { column_sums_impl<scalar_t>(M, u, w, threads); });
-  return w;
-}
-
+// ---------------------------------------------------------------------------
 // normalised_rows: Q_ij = M_ij v_j / sum_k M_ik v_k, each row summing to 1; one read of M, one
 // write of Q (the drop-ins' output).
+// ---------------------------------------------------------------------------
 template <typename T>
 void normalised_row_range(const T* __restrict__ M, const T* __restrict__ V, T* __restrict__ Q, int64_t begin,
                           int64_t end, int64_t K) {
@@ -789,57 +636,4 @@ void normalised_rows_impl(const at::Tensor& M, const at::Tensor& v, at::Tensor& 
   }
 }
 
-at::Tensor normalised_rows(const at::Tensor& M, const at::Tensor& v, int64_t threads) {
-  check_matrix(M, "M");
-  TORCH_CHECK(M.is_contiguous(), "M must be contiguous");
-  check_vector(v, M, M.size(2), "v");
-  check_threads(threads);
-  at::Tensor q = at::empty_like(M);
-  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "selflabel_normalised_rows",
-                             [&] { normalised_rows_impl<scalar_t>(M, v, q, threads); });
-  return q;
-}
-
-at::Tensor vec_exp(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.device().is_cpu(), "x must be a CPU tensor");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "selflabel_vec_exp", [&] { elementwise_impl<scalar_t, true>(x, y); });
-  return y;
-}
-
-at::Tensor vec_log(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.device().is_cpu(), "x must be a CPU tensor");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "selflabel_vec_log", [&] { elementwise_impl<scalar_t, false>(x, y); });
-  return y;
-}
-
-}  // namespace
 }  // namespace selflabel
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "selflabel fused CPU kernels (see csrc/sinkhorn.cpp)";
-  // the passes run without the GIL: other Python threads (data loading, a second solve) go on meanwhile
-  const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("prepare", &selflabel::prepare, nogil,
-        "scores -> kernel matrix, row max, column max, row sum, row min, row potentials", py::arg("scores"),
-        py::arg("lamb"), py::arg("probs"), py::arg("exponentiate"), py::arg("threads") = 0,
-        py::arg("col_pot") = py::none());
-  m.def("scaling_pass", &selflabel::scaling_pass, nogil, "one fused scaling-form iteration", py::arg("M"),
-        py::arg("a"), py::arg("u"), py::arg("v"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
-        py::arg("probs") = false, py::arg("threads") = 0, py::arg("omega") = 1.0);
-  m.def("log_pass", &selflabel::log_pass, nogil, "one fused log-domain iteration", py::arg("L"), py::arg("log_a"),
-        py::arg("f"), py::arg("g"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
-        py::arg("probs") = false, py::arg("threads") = 0, py::arg("omega") = 1.0);
-  m.def("labels", &selflabel::labels, nogil, "hard labels from the kernel matrix and column duals", py::arg("mat"),
-        py::arg("log_v"), py::arg("linear"), py::arg("shift") = py::none(), py::arg("lamb") = 0.0,
-        py::arg("probs") = false, py::arg("threads") = 0, py::arg("row_offset") = 0);
-  m.def("column_sums", &selflabel::column_sums, nogil, "w = M^T u per head, one read of M", py::arg("M"), py::arg("u"),
-        py::arg("threads") = 0);
-  m.def("normalised_rows", &selflabel::normalised_rows, nogil, "rows of M diag(v), each normalised to sum 1",
-        py::arg("M"), py::arg("v"), py::arg("threads") = 0);
-  m.def("vec_exp", &selflabel::vec_exp, "vectorised exp used by the kernels", py::arg("x"));
-  m.def("vec_log", &selflabel::vec_log, "vectorised log used by the kernels", py::arg("x"));
-}
