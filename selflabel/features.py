@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .backends.implicit import ImplicitScores
-from .source import make_source
+from .source import RowSource, make_source
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def check_prototypes(prototypes: Any, bias: Any, d: int) -> tuple[torch.Tensor, 
     return w, bias, ndim
 
 
-class FeatureBlocks:
+class FeatureBlocks(RowSource):
     """Row blocks of ``X W^T + bias`` for H heads: (H, rows, K) in the features' dtype."""
 
     def __init__(self, features: Any, prototypes: Any, bias: Any = None) -> None:
@@ -69,9 +69,13 @@ class FeatureBlocks:
         self.bias = None if bias is None else bias.to(self.dtype)[:, None, :]
         self.shape = (h, self.x.shape[1], k)
         self.itemsize = torch.tensor([], dtype=self.dtype).element_size()
-        # per row: the feature reader's two D-wide buffers and the (H, K) block of scores
-        self.storage_row_bytes = 2 * self.x.shape[2] * self.x.itemsize + h * k * self.itemsize
         self._out: torch.Tensor | None = None  # the block buffer, kept across passes
+
+    @property
+    def storage_row_bytes(self) -> int:
+        """Per row: the feature reader's two D-wide buffers and the (H, K) block of scores."""
+        h, _, k = self.shape
+        return 2 * self.x.shape[2] * self.x.itemsize + h * k * self.itemsize
 
     def blocks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Each block is valid until the next one is drawn: one output buffer serves every

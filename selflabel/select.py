@@ -152,7 +152,7 @@ def _chunked(scores: Any, device: Any, dtype: Any, memory_budget: Any) -> Select
     shape = _nonempty(src.shape)
     rows = cap_block_rows(rows_for_budget(src, cdtype, budget_bytes(memory_budget, device)), shape, src.itemsize,
                           device)
-    be = ChunkedBackend(rows, device, for_blocks(device, reader_thread=getattr(src, "reader_thread", False)))
+    be = ChunkedBackend(rows, device, for_blocks(device, reader_thread=src.reader_thread))
     return Selected(ChunkedScores(src, cdtype), be, shape, src.ndim == 3, device, src.dtype, cdtype)
 
 

@@ -62,7 +62,20 @@ def parse_bytes(budget: int | float | str) -> int:
     return value
 
 
-class TensorSource:
+class RowSource:
+    """Row blocks of (H, N, K) scores for the chunked backend: ``shape`` (H, N, K), ``ndim`` (as given),
+    ``dtype``, ``itemsize`` and ``blocks(rows)``, and what the block size must allow for."""
+
+    reader_thread = False  # blocks are read ahead by a thread of its own (on CPU it keeps a core)
+
+    @property
+    def storage_row_bytes(self) -> int:
+        """Host bytes per row of a block that the source itself holds (two block buffers by default)."""
+        h, _, k = self.shape
+        return 2 * h * k * self.itemsize
+
+
+class TensorSource(RowSource):
     def __init__(self, t: torch.Tensor) -> None:
         check_float_dtype(t.dtype)
         self.ndim = t.dim()
@@ -77,7 +90,7 @@ class TensorSource:
             yield lo, min(n, lo + rows), self.t[:, lo:lo + rows]
 
 
-class NpyFileSource:
+class NpyFileSource(RowSource):
     """Rows of an (N, K) or (H, N, K) C-ordered float16/32/64 ``.npy`` file."""
 
     reader_thread = True  # blocks are read ahead by a background thread
@@ -183,7 +196,7 @@ class NpyFileSource:
             os.close(fd)
 
 
-class CallableSource:
+class CallableSource(RowSource):
     """Row blocks from a user function: ``scores()`` returns a fresh iterable of (rows, K) or
     (H, rows, K) blocks, in row order, each call (one call per pass). Shape and dtype are
     taken from a first pass. The blocks are the user's buffers; the budget covers ours."""
@@ -227,7 +240,7 @@ def _as_block(block) -> torch.Tensor:
     return t
 
 
-class ArraySource:
+class ArraySource(RowSource):
     """Rows of any (N, K) or (H, N, K) float numpy array, one block copy at a time.
 
     For a memmap, ``release`` drops the pages of each copied block from the process's
@@ -331,9 +344,8 @@ def _memmap_source(mm: np.memmap):
 
 
 def make_source(scores):
-    """A row-block source for ``scores``; objects that already have ``blocks`` and
-    ``shape`` (e.g. ``selflabel.features.FeatureBlocks``) pass through."""
-    if hasattr(scores, "blocks") and hasattr(scores, "shape") and not isinstance(scores, torch.Tensor):
+    """A row-block source for ``scores``; sources (e.g. ``selflabel.features.FeatureBlocks``) pass through."""
+    if isinstance(scores, RowSource):
         return scores
     if isinstance(scores, (str, os.PathLike)):
         return NpyFileSource(os.fspath(scores))

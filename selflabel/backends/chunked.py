@@ -189,7 +189,7 @@ def _costs(source, dtype: torch.dtype) -> tuple[int, int]:
     """
     h, n, k = source.shape
     item = torch.tensor([], dtype=dtype).element_size()
-    storage = getattr(source, "storage_row_bytes", 2 * h * k * source.itemsize)  # a source may know better
+    storage = source.storage_row_bytes
     per_row = storage + 2 * h * k * item + h * 8 * 4
     fixed = FIXED_OVERHEAD + h * n * 8 * 12 + h * k * 8 * 16
     return fixed, per_row
