@@ -53,16 +53,22 @@ def balanced_assignments(scores: torch.Tensor, lamb: float, n_iter: int) -> torc
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     group = _world_group()
     red = Reducer(group)
-    if x.is_cuda and x.numel() <= SMALL_GPU_ENTRIES:
-        q = _direct_small(x, lamb, n_iter, red)
-        if q is not None:
-            return q.to(scores.dtype)
-    be = in_memory("auto", x.device)
-    prep = be.prepare(x[None].contiguous(), float(lamb), False, True)  # also gives each row's max and min
-    extremes = red.max_(torch.stack([prep.rowmax.max().double(), -prep.rowmin.min()]).cpu())
-    if lamb * float(extremes.sum()) <= FAST_SPREAD:
-        return _direct(be, prep, lamb, n_iter, red).to(scores.dtype)
-    del prep
+    fast = None  # whether the scaling form is safe (None: decided from the prepared kernel below)
+    if x.is_cuda:  # one reduction decides alike on every rank: the spread and the largest batch
+        top, neg_min, entries = _extremes(x, red)
+        if math.isfinite(top + neg_min):  # NaN and infinite scores: the checked paths below
+            fast = lamb * (top + neg_min) <= FAST_SPREAD
+        if fast and entries <= SMALL_GPU_ENTRIES:
+            return _direct_small(x, lamb, n_iter, red, top).to(scores.dtype)
+    if fast is not False:
+        be = in_memory("auto", x.device)
+        prep = be.prepare(x[None].contiguous(), float(lamb), False, True)  # also gives each row's max and min
+        if fast is None:
+            extremes = red.max_(torch.stack([prep.rowmax.max().double(), -prep.rowmin.min()]).cpu())
+            fast = lamb * float(extremes.sum()) <= FAST_SPREAD
+        if fast:
+            return _direct(be, prep, lamb, n_iter, red).to(scores.dtype)
+        del prep
     k = x.shape[1]
     log_v1 = -math.log(k) - red.logsumexp_(torch.logsumexp(lamb * x, dim=0))
     with warnings.catch_warnings():
@@ -71,14 +77,24 @@ def balanced_assignments(scores: torch.Tensor, lamb: float, n_iter: int) -> torc
     return res.plan(normalize_rows=True).to(scores.dtype)
 
 
-def _direct_small(x: torch.Tensor, lamb: float, n_iter: int, red: Reducer) -> torch.Tensor | None:
-    """``_direct``'s iterates in about as many plain torch ops as the peers' loop, and one host sync (the
-    spread check), or None where the spread is too wide for the scaling form. Below ``FAST_SPREAD`` the
-    kernel can be shifted by the global maximum alone: its entries stay above e^-40."""
+def _extremes(x: torch.Tensor, red: Reducer) -> tuple[float, float, float]:
+    """(max x, -min x, largest x.numel()) over every rank: one all-reduce and one host sync."""
     lo, hi = torch.aminmax(x)
-    top, neg_min = red.max_(torch.stack([hi, -lo])).tolist()
-    if not lamb * (top + neg_min) <= FAST_SPREAD:  # also NaN and infinite scores: the general path checks them
-        return None
+    entries = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    top, neg_min, most = red.max_(torch.stack([hi.double(), -lo.double(), entries])).tolist()
+    return top, neg_min, most
+
+
+def _direct_small(x: torch.Tensor, lamb: float, n_iter: int, red: Reducer,
+                  top: float | None = None) -> torch.Tensor | None:
+    """``_direct``'s iterates in about as many plain torch ops as the peers' loop, or None where the spread
+    is too wide for the scaling form (checked here unless the global maximum ``top`` comes with it, from a
+    spread already checked). Below ``FAST_SPREAD`` the kernel can be shifted by the global maximum alone:
+    its entries stay above e^-40."""
+    if top is None:
+        top, neg_min, _ = _extremes(x, red)
+        if not lamb * (top + neg_min) <= FAST_SPREAD:  # also NaN and infinite scores
+            return None
     E = x.sub(top).mul_(lamb).exp_()
     v = red.sum_(E.sum(0)).reciprocal_()  # the first cluster normalisation (the sample weights are equal)
     for _ in range(n_iter - 1):
