@@ -30,7 +30,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, note i
     local rc=$?
     { echo "== $name: rc=$rc in $((SECONDS - t0))s (limit ${limit}s)"; tail -n 15 "$WORK/$name.log"; } | tee -a "$SUMMARY"
     if [ -n "${OUT:-}" ]; then  # refresh what comes back after every step
-        cp benchmarks/results/*.json "$WORK/" 2>/dev/null
+        # the results this session wrote (gpu.txt is written before the first step), not the committed ones
+        find benchmarks/results -name '*.json' -newer "$WORK/gpu.txt" -exec cp {} "$WORK/" \;
         tar czf "$OUT/gpu-session.tgz" --exclude=triton-cache -C "$WORK" .
         cp "$SUMMARY" "$WORK/gpu.txt" "$OUT/"
     fi
