@@ -18,6 +18,7 @@ tensor, array, ``.npy``, heads     ``in_memory(backend, device)``: "cpu" (fused 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,6 @@ def triton_available() -> bool:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -158,10 +157,10 @@ def _chunked(scores: Any, device: Any, dtype: Any, memory_budget: Any) -> Select
 
 def _features(spec: Features, backend: str, device: Any, dtype: Any, memory_budget: Any) -> Selected:
     x = spec.features
-    on_gpu = isinstance(x, torch.Tensor) and x.device.type == "cuda"
+    here = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")  # a path or array: on the host
+    there = resolve_device(device, here)
     if backend == "auto":
-        to_gpu = device is not None and resolve_device(device, torch.device("cpu")).type == "cuda"
-        backend = "triton" if on_gpu or (to_gpu and memory_budget is None) else "chunked"
+        backend = "triton" if here.type == "cuda" or (there.type == "cuda" and memory_budget is None) else "chunked"
     if backend == "chunked":
         return _chunked(FeatureBlocks(x, spec.prototypes, spec.bias), device, dtype, memory_budget)
     if backend != "triton":
@@ -170,8 +169,8 @@ def _features(spec: Features, backend: str, device: Any, dtype: Any, memory_budg
     if memory_budget is not None:
         raise ValueError("memory_budget applies to backend='chunked'; the triton path keeps only X, W and O(N + K)")
     if device is not None:  # the kernel runs where the features are: move them (a path or array is loaded)
-        x = as_tensor(x, "features").to(resolve_device(device, x.device if isinstance(x, torch.Tensor) else None))
-    in_memory("triton", x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
+        x = as_tensor(x, "features").to(there)
+    in_memory("triton", there)
     scores = implicit_scores(x, spec.prototypes, spec.bias)
     native = torch.float64 if scores.x.dtype == torch.float64 else torch.float32
     cdtype = native if native == torch.float64 else compute_dtype(dtype, scores.w)

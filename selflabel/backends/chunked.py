@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..source import CallableSource, NpyFileSource, TensorSource
+from ..source import RowSource, TensorSource
 from . import Backend, BackendBase, Prepared, ScoreBlock, resolve_device
 
 FIXED_OVERHEAD = 64 * 2**20  # allocator slack and small buffers, kept out of the block budget
@@ -49,7 +49,7 @@ def cap_block_rows(rows: int, shape: tuple[int, int, int], itemsize: int, device
 class ChunkedScores:
     """What the front hands this backend instead of a tensor."""
 
-    source: TensorSource | NpyFileSource | CallableSource
+    source: RowSource
     compute_dtype: torch.dtype
 
     @property
@@ -61,7 +61,7 @@ class ChunkedScores:
 class Streamed:
     """The kernel matrix of a source, recomputed block by block."""
 
-    source: TensorSource | NpyFileSource | CallableSource
+    source: RowSource
     rows: int
     lamb: float
     probs: bool
