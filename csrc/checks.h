@@ -15,12 +15,12 @@
 namespace selflabel {
 
 inline void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }
 
 // A kernel matrix or score batch: (H, N, K), float32 or float64, on the CPU, not empty.
 inline void check_matrix(const at::Tensor& m, const char* name) {
-  TORCH_CHECK(m.device().is_cpu(), name, " must be a CPU tensor, got ", m.device());
+  check_cpu(m, name);
   TORCH_CHECK(m.dim() == 3, name, " must have shape (H, N, K), got ", m.sizes());
   TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble, name,
               " must be float32 or float64, got ", m.scalar_type());
