@@ -3,9 +3,9 @@
 // Every kernel takes a batch of H heads: the kernel matrix is (H, N, K), row
 // quantities are (H, N), column quantities are (H, K), all contiguous and of the
 // matrix dtype (float32 or float64). Rows are cut into chunks (RowChunks) that
-// the threads of an at::parallel_for take one at a time; column reductions go to
+// the calling thread and its helper threads take one at a time; column reductions go to
 // one partial buffer per chunk (accumulated in double) that is reduced in chunk
-// order after the parallel region, so each iteration reads the matrix from memory
+// order after the pass, so each iteration reads the matrix from memory
 // exactly once and results do not depend on the number of threads.
 //
 // The `*_impl<scalar_t>` entry points assume checked operands: bindings.cpp runs
@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
+#include <pthread.h>
 
 #if defined(__SSE2__)
 #include <xmmintrin.h>
@@ -22,6 +23,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <system_error>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -70,14 +79,122 @@ class FlushDenormals {
   uint64_t saved_ = 0;
 };
 
+// One pass's chunks, shared by the thread that runs the pass and its helpers. A
+// helper that starts after the last chunk was taken returns without touching the
+// pass, so the pass may return before every helper it woke has started.
+class ChunkQueue {
+ public:
+  ChunkQueue(int64_t count, const std::function<void(int64_t)>& chunk) : count_(count), chunk_(&chunk) {}
+  // Takes chunks until none is left. `chunk_` is called only for a chunk taken
+  // here, while the thread that runs the pass still waits for it.
+  void work() {
+    const FlushDenormals ftz;
+    for (int64_t c = next_++; c < count_; c = next_++) {
+      try {
+        (*chunk_)(c);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == count_) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        finished_.notify_all();
+      }
+    }
+  }
+  // Returns once every chunk is done (sleeping, not spinning); rethrows a chunk's error.
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    finished_.wait(lock, [this] { return done_.load(std::memory_order_acquire) == count_; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  const int64_t count_;
+  const std::function<void(int64_t)>* chunk_;
+  std::atomic<int64_t> next_{0}, done_{0};
+  std::mutex mutex_;
+  std::condition_variable finished_;
+  std::exception_ptr error_;
+};
+
+// The process's helper threads. Each sleeps on a condition variable until a pass
+// posts work, runs ChunkQueue::work and sleeps again; they are started as passes
+// first ask for them and live as long as the process. Not OpenMP's threads: an
+// OpenMP region waits for every thread of its team, and its idle threads spin
+// (unless OMP_WAIT_POLICY=PASSIVE was set before torch loaded) on the cores that a
+// late thread needs. A forked child gets a fresh, empty set (the parent's threads
+// do not exist there, and its locks may have been held at the fork).
+class Helpers {
+ public:
+  static Helpers& get() {
+    static const bool registered = [] { return pthread_atfork(nullptr, nullptr, [] { instance() = nullptr; }) == 0; }();
+    (void)registered;
+    Helpers* h = instance().load(std::memory_order_acquire);
+    if (h == nullptr) {  // first use in this process (or in this forked child)
+      auto fresh = std::make_unique<Helpers>();
+      if (instance().compare_exchange_strong(h, fresh.get(), std::memory_order_acq_rel)) h = fresh.release();
+    }
+    return *h;  // never deleted: its threads outlive every static
+  }
+  // Wakes up to `n` helpers to work on `queue` (starting threads as needed).
+  void post(const std::shared_ptr<ChunkQueue>& queue, int64_t n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int64_t i = 0; i < n; ++i) posted_.push_back(queue);
+    while (threads_ < n) {
+      try {
+        std::thread([this] { loop(); }).detach();
+      } catch (const std::system_error&) {
+        break;  // no more threads: the pass runs on those there are
+      }
+      ++threads_;
+    }
+    if (n == 1) wake_.notify_one(); else wake_.notify_all();
+  }
+  // How many helper threads have been started.
+  int64_t threads() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return threads_;
+  }
+  // Drops the posts of `queue` that no helper has taken yet.
+  void withdraw(const std::shared_ptr<ChunkQueue>& queue) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    posted_.erase(std::remove(posted_.begin(), posted_.end(), queue), posted_.end());
+  }
+
+ private:
+  static std::atomic<Helpers*>& instance() {
+    static std::atomic<Helpers*> h{nullptr};
+    return h;
+  }
+  void loop() {
+    for (;;) {
+      std::shared_ptr<ChunkQueue> queue;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [this] { return !posted_.empty(); });
+        queue = std::move(posted_.front());
+        posted_.pop_front();
+      }
+      queue->work();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::shared_ptr<ChunkQueue>> posted_;
+  int64_t threads_ = 0;
+};
+
 // Rows [0, N) cut into at most kMaxChunks chunks of at least kMinChunkRows rows,
-// a split that depends on N only. The threads take chunks from an atomic counter,
-// so a thread that shares its core (with a noisy neighbour) does fewer chunks
-// instead of stalling the whole pass. `threads` (> 0) caps the workers below
-// at::get_num_threads(): the chunked solver leaves a core to its file reader.
-// A pass gets one worker per kGrainEntries entries at most: below that, waking a
-// second thread (and, on a busy machine, waiting for it to be scheduled) costs more
-// than the work (measured: 500 x 10 took longer on 2 threads than on 1).
+// a split that depends on N only. The calling thread and up to `threads - 1`
+// helpers (Helpers) take chunks from an atomic counter (ChunkQueue), and the
+// caller waits only for chunks a helper has already taken, never for a helper
+// that has not started: on a busy machine (DataLoader workers, other jobs) a
+// helper the scheduler has not run yet costs nothing. `threads` (> 0) caps the
+// workers below at::get_num_threads(): the chunked solver leaves a core to its
+// file reader. A pass gets one worker per kGrainEntries entries at most: below
+// that, waking a second thread costs more than the work (measured: 500 x 10 took
+// longer on 2 threads than on 1).
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kGrainEntries = int64_t(1) << 16;
@@ -92,27 +209,29 @@ class RowChunks {
                                                : at::get_num_threads(),
                                    std::max<int64_t>(1, N * K / kGrainEntries))) {}
   int64_t count() const { return count_; }
-  // f(chunk, begin, end) once per chunk, in parallel.
+  // f(chunk, begin, end) once per chunk, on the caller and its helpers.
   template <typename F>
   void run(const F& f) const {
-    std::atomic<int64_t> next{0};
     const int64_t workers = std::min(threads_, count_);
-    auto work = [&](int64_t, int64_t) {
-      const FlushDenormals ftz;
-      for (int64_t c = next++; c < count_; c = next++) f(c, c * rows_, std::min(N_, (c + 1) * rows_));
-    };
     if (workers <= 1) {
-      work(0, 1);  // on the calling thread: no parallel region at all
-    } else {
-      at::parallel_for(0, workers, 1, work);
+      const FlushDenormals ftz;
+      for (int64_t c = 0; c < count_; ++c) f(c, c * rows_, std::min(N_, (c + 1) * rows_));
+      return;
     }
+    const std::function<void(int64_t)> chunk = [&](int64_t c) { f(c, c * rows_, std::min(N_, (c + 1) * rows_)); };
+    auto queue = std::make_shared<ChunkQueue>(count_, chunk);
+    Helpers& helpers = Helpers::get();
+    helpers.post(queue, workers - 1);
+    queue->work();
+    helpers.withdraw(queue);
+    queue->wait();
   }
 
  private:
   int64_t N_, rows_, count_, threads_;
 };
 
-// One K-long partial per chunk, reduced in chunk order after the parallel region.
+// One K-long partial per chunk, reduced in chunk order after the pass.
 class ColumnPartials {
  public:
   ColumnPartials(const RowChunks& chunks, int64_t K, acc_t init)
@@ -131,7 +250,7 @@ class ColumnPartials {
   std::vector<acc_t> data_;
 };
 
-// One scalar per chunk, summed in chunk order after the parallel region.
+// One scalar per chunk, summed in chunk order after the pass.
 class ChunkSum {
  public:
   explicit ChunkSum(const RowChunks& chunks) : data_(chunks.count(), 0.0) {}

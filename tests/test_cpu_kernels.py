@@ -1,15 +1,19 @@
 """The fused C++ kernels against the plain-torch backend, pass by pass."""
 
+import os
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from selflabel import _C, _C_test
 from selflabel.backends import ScoreBlock
-from selflabel.backends.cpu import CpuBackend, WorkerCount
+from selflabel.backends.cpu import CpuBackend
 from selflabel.backends.torch_ref import TorchBackend
 
 SHAPES = [(1, 1, 1), (1, 7, 1), (1, 1, 9), (2, 37, 13), (1, 130, 515), (3, 65, 1031), (1, 5, 2050)]
@@ -181,12 +185,14 @@ def test_passes_do_not_depend_on_the_thread_count():
         assert torch.equal(x, y)
 
 
-def _passes(threads: int, s: torch.Tensor, a: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+def _passes(threads: int, s: torch.Tensor, a: torch.Tensor, v: torch.Tensor,
+            log_v: torch.Tensor | None = None) -> list[torch.Tensor]:
     be = CpuBackend(threads=threads)
+    log_v = v.log() if log_v is None else log_v
     p = be.prepare(s, 9.0, False, True)
     u = torch.ones(s.shape[0], s.shape[1])
     w, change = be.scaling_pass(p.mat, a, u, v)
-    return [p.mat, p.colmax, w, change, u, be.labels(p.mat, v.log(), True)]
+    return [p.mat, p.colmax, w, change, u, be.labels(p.mat, log_v, True)]
 
 
 def test_passes_from_several_threads_at_once():
@@ -214,39 +220,78 @@ def test_passes_from_several_threads_at_once():
             assert torch.equal(x, y)
 
 
-def test_worker_count_follows_the_faster_option(monkeypatch):
-    """Warm-up alternates all threads and one; then the faster runs, the other is retried now and then,
-    and a change of speed (a machine getting busy) flips the choice within a few dozen passes."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    count, seq = WorkerCount(), []
-    for i in range(200):
-        t = count.pick()
-        seq.append(t)
-        slow = 1 if i < 100 else 2  # one thread is slower at first, then two are
-        count.record(t, 2.0 if t == slow else 1.0)
-    assert seq[:4] == [2, 1, 2, 1]
-    assert seq[4:100].count(2) >= 90 and 1 in seq[4:100]  # the fast one, the slow one retried
-    assert seq[140:].count(1) >= 55  # flipped after the change
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert WorkerCount().pick() == 1
+def test_a_pass_does_not_wait_for_helpers_that_never_start():
+    """With every helper thread held busy (as a busy machine may leave them unscheduled), a pass on
+    two or three threads runs every chunk on the calling thread and returns; a pass that waited for
+    its helpers would never return (the test would time out). With the helpers free, they do run
+    chunks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    ex = ThreadPoolExecutor(1)
+    try:
+        for threads in (2, 3):
+            for busy in (True, False):
+                on_caller = ex.submit(_C_test.chunks_on_caller, 4003, 263, threads, busy).result(timeout=120)
+                assert len(on_caller) == 63
+                assert all(on_caller) if busy else not all(on_caller)
+        with pytest.raises(RuntimeError, match="threads must be >= 2"):
+            _C_test.chunks_on_caller(4003, 263, 1, True)
+        with pytest.raises(RuntimeError, match="large enough"):
+            _C_test.chunks_on_caller(100, 10, 2, True)
+    finally:
+        ex.shutdown(wait=False)
+        torch.set_num_threads(before)
+
+
+def test_passes_in_a_forked_child():
+    """A process forked after the passes ran on helpers has none of the helper threads; its passes
+    still run on two threads, with the same bits. (torch's own OpenMP ops hang in such a child, which
+    is why DataLoader workers run on one thread; the child here runs only the passes and compares
+    with numpy.)"""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    gen = torch.Generator().manual_seed(6)
+    s = torch.randn(2, 4003, 263, generator=gen) * 3
+    a, v = torch.rand(4003, generator=gen) + 0.1, torch.rand(2, 263, generator=gen) + 0.1
+    log_v = v.log()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = _passes(2, s, a, v)  # the parent's helpers have run
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 when every output has the parent's bits
+            out = _passes(2, s, a, v, log_v)
+            same = all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(out, ref, strict=True))
+            os._exit(0 if same else 1)
+        deadline = time.monotonic() + 120
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the passes hung in the forked child")
+    finally:
+        torch.set_num_threads(before)
+    assert os.waitstatus_to_exitcode(done[1]) == 0, "the child's passes differ from the parent's"
 
 
 @pytest.mark.parametrize("algorithm", ["scaling", "log"])
-def test_thread_count_changing_between_passes_gives_the_same_bits(monkeypatch, algorithm):
-    """A solve whose passes change thread count on the way gives the bits of a one-thread solve."""
-    import itertools
-
+def test_solves_on_one_and_two_threads_give_the_same_bits(algorithm):
+    """A whole solve gives the same bits on one thread and on two (helpers taking chunks as they
+    are scheduled)."""
     import selflabel as sl
 
     gen = torch.Generator().manual_seed(5)
     scores = torch.randn(20000, 40, generator=gen) * 2  # 12 grains of 65536 entries: two workers run
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    before = torch.get_num_threads()
     runs = []
-    for picks in ([1], [2, 1, 1, 2, 1]):
-        cycle = itertools.cycle(picks)
-        monkeypatch.setattr(WorkerCount, "pick", lambda self, cycle=cycle: next(cycle))
-        res = sl.sinkhorn_knopp(scores, backend="cpu", algorithm=algorithm, lamb=20, tol=1e-7)
-        runs.append((res.n_iter, res.error, res.labels, res.log_u, res.log_v))
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            res = sl.sinkhorn_knopp(scores, backend="cpu", algorithm=algorithm, lamb=20, tol=1e-7)
+            runs.append((res.n_iter, res.error, res.labels, res.log_u, res.log_v))
+    finally:
+        torch.set_num_threads(before)
     assert runs[0][:2] == runs[1][:2]
     for x, y in zip(runs[0][2:], runs[1][2:], strict=True):
         assert torch.equal(x, y)

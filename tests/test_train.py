@@ -22,9 +22,10 @@ from selflabel.train.evaluate import (
     kmeans_features,
     many_to_one_accuracy,
 )
-from selflabel.train.loop import StepThreads, _dataset_order, _relabel, _relabel_views, _resolve
+from selflabel.train.loop import _dataset_order, _relabel, _relabel_views, _resolve
 from selflabel.train.models import ARCHS, CarpHead, Network, SelaHeads, build_backbone
 from selflabel.train.sela import swapped_cross_entropy
+from selflabel.train.threads import StepThreads, WorkerCount
 
 FAST = dict(arch="mlp", progress=False, tensorboard=False, evaluate=False)
 
@@ -280,13 +281,13 @@ def test_carp_implicit_labels_agree(tmp_path):
 def test_step_threads_follow_the_faster_count(monkeypatch, fast):
     """Steps on ``fast`` threads cost a fifth of the other count's: after the warm-up nearly every
     step runs on it, work outside the steps too, and close() restores torch's count."""
-    import selflabel.train.loop as loop
+    import selflabel.train.threads as threads_module
 
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         clock = [0.0]
-        monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+        monkeypatch.setattr(threads_module.time, "perf_counter", lambda: clock[0])
         threads, used = StepThreads(0, torch.device("cpu")), []
         for _ in range(100):
             threads.begin()
@@ -301,6 +302,23 @@ def test_step_threads_follow_the_faster_count(monkeypatch, fast):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_worker_count_follows_the_faster_option(monkeypatch):
+    """Warm-up alternates all threads and one; then the faster runs, the other is retried now and then,
+    and a change of speed (a machine getting busy) flips the choice within a few dozen passes."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    count, seq = WorkerCount(), []
+    for i in range(200):
+        t = count.pick()
+        seq.append(t)
+        slow = 1 if i < 100 else 2  # one thread is slower at first, then two are
+        count.record(t, 2.0 if t == slow else 1.0)
+    assert seq[:4] == [2, 1, 2, 1]
+    assert seq[4:100].count(2) >= 90 and 1 in seq[4:100]  # the fast one, the slow one retried
+    assert seq[140:].count(1) >= 55  # flipped after the change
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert WorkerCount().pick() == 1
 
 
 def test_fixed_step_threads_and_gpu_runs_do_not_choose():

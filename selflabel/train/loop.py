@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ..backends.cpu import WorkerCount
 from ..io import atomic_write, save_json
 from ..solver import sinkhorn_knopp, sinkhorn_knopp_features
 from ..source import parse_bytes
@@ -46,6 +45,7 @@ from .data import ImageSet, ViewDataset, Views, load_image_set, split_images
 from .evaluate import cluster_scores, heldout_scores, kmeans_features, kmeans_scores, probe_scores
 from .models import CarpHead, Network, SelaHeads, build_backbone
 from .sela import swapped_cross_entropy
+from .threads import StepThreads
 
 METHODS = ("sela", "carp")
 
@@ -172,44 +172,6 @@ def _check_numbers(cfg: TrainConfig) -> None:
     for name, ok, want in rules:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)}")
-
-
-class StepThreads:
-    """torch's thread count over a run: ``threads`` > 0 fixes it; 0 chooses, step by step, between
-    ``torch.get_num_threads()`` and one by the steps' measured time (``WorkerCount``). On a busy CPU
-    (DataLoader workers, other jobs) every parallel region of the model's small operations waits
-    for whichever thread the scheduler has not run, and one thread can be several times faster;
-    on a quiet one all threads win. Relabelling and evaluation (scikit-learn's thread pools too) run
-    on the count measured faster.
-    A chosen count follows the load, so bit-for-bit repeatable runs need ``threads`` > 0."""
-
-    def __init__(self, threads: int, device: torch.device) -> None:
-        self.restore = torch.get_num_threads()
-        self.many = threads or self.restore
-        self.count = WorkerCount() if threads == 0 and device.type == "cpu" and self.many > 1 else None
-        self.now, self.start = self.many, 0.0
-
-    def _set(self, n: int) -> None:
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-
-    def begin(self) -> None:
-        """Set the count of the next training step and start its clock."""
-        self.now = self.count.pick(self.many) if self.count is not None else self.many
-        self._set(self.now)
-        self.start = time.perf_counter()
-
-    def end(self) -> None:
-        """Stop the step's clock."""
-        if self.count is not None:
-            self.count.record(self.now, time.perf_counter() - self.start)
-
-    def best(self) -> None:
-        """Set the count measured faster (``threads`` when fixed) for work outside the steps."""
-        self._set(self.many if self.count is None else self.count.faster(self.many))
-
-    def close(self) -> None:
-        torch.set_num_threads(self.restore)
 
 
 def _device(spec: str) -> torch.device:
