@@ -137,19 +137,20 @@ class Helpers {
     }
     return *h;  // never deleted: its threads outlive every static
   }
-  // Wakes up to `n` helpers to work on `queue` (starting threads as needed).
+  // Wakes up to `n` helpers to work on `queue` (starting threads as needed). May throw
+  // std::bad_alloc with some posts made: the caller then withdraws them.
   void post(const std::shared_ptr<ChunkQueue>& queue, int64_t n) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (int64_t i = 0; i < n; ++i) posted_.push_back(queue);
     while (threads_ < n) {
       try {
         std::thread([this] { loop(); }).detach();
-      } catch (const std::system_error&) {
+      } catch (...) {  // std::system_error, std::bad_alloc
         break;  // no more threads: the pass runs on those there are
       }
       ++threads_;
     }
-    if (n == 1) wake_.notify_one(); else wake_.notify_all();
+    for (int64_t i = 0; i < n; ++i) wake_.notify_one();
   }
   // How many helper threads have been started.
   int64_t threads() {
@@ -221,7 +222,11 @@ class RowChunks {
     const std::function<void(int64_t)> chunk = [&](int64_t c) { f(c, c * rows_, std::min(N_, (c + 1) * rows_)); };
     auto queue = std::make_shared<ChunkQueue>(count_, chunk);
     Helpers& helpers = Helpers::get();
-    helpers.post(queue, workers - 1);
+    try {
+      helpers.post(queue, workers - 1);
+    } catch (...) {  // out of memory while posting: no helper may keep a post to `chunk`
+      helpers.withdraw(queue);
+    }
     queue->work();
     helpers.withdraw(queue);
     queue->wait();

@@ -4,9 +4,10 @@ import os
 import sys
 
 if "torch" not in sys.modules:
-    # OpenMP threads that wait for work sleep instead of spinning. On a busy machine (DataLoader
-    # workers, other jobs) a spinning thread holds a core that the thread a parallel region waits for
-    # needs: a 20000 x 500 pass took 3.4x its one-thread time on 2 threads, 0.87x with this. OpenMP
+    # torch's OpenMP threads that wait for work sleep instead of spinning. On a busy machine
+    # (DataLoader workers, other jobs) a spinning thread holds a core that the thread a parallel
+    # region waits for needs; this matters for torch's own operations (the training steps), not for
+    # the solver's passes, which run on selflabel's own sleeping helpers (csrc/kernels.h). OpenMP
     # reads the variable once, when torch loads it, so this acts only where selflabel is imported
     # first (the command line); OMP_WAIT_POLICY=ACTIVE in the environment keeps the spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
