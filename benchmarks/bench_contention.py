@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--train-repeat", type=int, default=3)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--out", help="the JSON to write (default results/contention-DATE.json)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     report = {"machine": machine(), "busy_processes": cores, "rows": [], "train": []}
@@ -134,7 +135,7 @@ def main() -> None:
               f"({', '.join(f'{x:.1f}' for x in t['runs'])})")
     if not args.no_save:
         stamp = dt.date.today().strftime("%Y%m%d")
-        path = os.path.join(os.path.dirname(__file__), "results", f"contention-{stamp}.json")
+        path = args.out or os.path.join(os.path.dirname(__file__), "results", f"contention-{stamp}.json")
         save_json(path, report)
         print(f"saved {path}")
 

@@ -14,6 +14,7 @@ log-sum-exps (csrc/kernels.h, kernels/logdomain.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, NamedTuple
 
@@ -109,6 +110,24 @@ class Scaled(NamedTuple):
     lost: float  # log of the bound on the plan mass of flushed kernel entries, at the last check
 
 
+@contextlib.contextmanager
+def one_thread(x: torch.Tensor):
+    """torch on one thread for the O(K) column update of a CPU iteration. torch's log and exp on
+    CPU go to MKL's vector math, which opens an OpenMP region even for a few hundred entries; with
+    torch's default wait policy its idle thread then spins between iterations on the cores that
+    the passes' helpers need, and on a busy machine two threads ran several times slower than one.
+    The values do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    if x.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_scaling(loop: Loop, M, a, log_a, b, start, trip: float, n_total: int, absorbed=None,
                  drift: float = math.inf) -> Scaled:
     """Scaling iterations on M = exp(log kernel + f_i + g_j) with ``absorbed`` = (f, g) potentials
@@ -156,12 +175,13 @@ def run_scaling(loop: Loop, M, a, log_a, b, start, trip: float, n_total: int, ab
             if lost > trip:
                 return good._replace(status="tripped")
         col_omega = loop.col_omega()
-        if col_omega == 1.0:
-            v = b / w
-            log_v = torch.log(v)
-        else:  # over-relaxed: log v += omega * log(b / column mass), where that still gains
-            log_v = log_v + relaxed_step(torch.log(b / (v * w)), col_omega)
-            v = torch.exp(log_v)
+        with one_thread(w):
+            if col_omega == 1.0:
+                v = b / w
+                log_v = torch.log(v)
+            else:  # over-relaxed: log v += omega * log(b / column mass), where that still gains
+                log_v = log_v + relaxed_step(torch.log(b / (v * w)), col_omega)
+                v = torch.exp(log_v)
     return Scaled(f_abs + torch.log(u), g_abs + log_v, g_abs + log_v, "ended", good.lost)
 
 
