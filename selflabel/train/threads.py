@@ -29,7 +29,7 @@ class WorkerCount:
         self.exploring = 0
 
     def pick(self, many: int | None = None) -> int:
-        """The thread count of the next pass: ``many`` (default ``torch.get_num_threads()``) or one."""
+        """The thread count of the next run (a step): ``many`` (default ``torch.get_num_threads()``) or one."""
         many = torch.get_num_threads() if many is None else many
         if many <= 1:
             return 1
@@ -48,11 +48,11 @@ class WorkerCount:
         return best
 
     def faster(self, many: int) -> int:
-        """``many`` or one, whichever the recent passes measured faster (``many`` before any)."""
+        """``many`` or one, whichever the recent runs measured faster (``many`` before any)."""
         return min((many, 1), key=self.typical)
 
     def typical(self, threads: int) -> float:
-        """The median of the last five passes on ``threads`` (inf before any)."""
+        """The median of the last five runs on ``threads`` (inf before any)."""
         times = sorted(self.recent.get(threads, ()))
         return times[len(times) // 2] if times else float("inf")
 
